@@ -1,0 +1,44 @@
+"""The one interface every backbone keeps (see DESIGN.md).
+
+    features = backbone.encode(x)        # list of tensors, deepest last (skips included)
+    logits   = backbone.decode(features) # same spatial size as x
+    backbone(x) == backbone.decode(backbone.encode(x))
+
+Feature perturbations are functions over the feature list applied between the two calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SegBackbone(nn.Module):
+    """Base class. Subclasses set ``dim`` (2 or 3), ``in_channels``, ``num_classes`` and implement encode/decode."""
+
+    dim: int = 2
+    in_channels: int = 1
+    num_classes: int = 2
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError  # abstract: every registered backbone overrides it
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError  # abstract: every registered backbone overrides it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def describe(self) -> dict:
+        return {
+            "class": type(self).__name__,
+            "dim": self.dim,
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "parameters": sum(p.numel() for p in self.parameters()),
+        }
+
+
+def scaled(channels: int, width: float) -> int:
+    """Width multiplier for thin CPU networks; at least 4 channels so BatchNorm stays meaningful."""
+    return max(4, int(round(channels * width)))

@@ -1,0 +1,1 @@
+"""Built-in presets are YAML files under benchmarks/; see semiseg.bench."""

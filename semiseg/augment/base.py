@@ -1,6 +1,7 @@
 """Augmentation policy contract.
 
-A policy (registered with ``@register_policy(name)``) is a class built as ``Policy(patch_size=..., **options)``.
+A policy (registered with ``@register_policy(name)``) is a class built as
+``Policy(patch_size=..., **options)``.
 It works on numpy arrays of one sample (image ``(C, *spatial)`` float32, label ``(*spatial)`` int) and always
 returns arrays of exactly ``patch_size``:
 

@@ -14,11 +14,13 @@ from torch import nn
 
 
 class SegBackbone(nn.Module):
-    """Base class. Subclasses set ``dim`` (2 or 3), ``in_channels``, ``num_classes`` and implement encode/decode."""
+    """Base class: subclasses set ``dim`` (2 or 3), ``in_channels``, ``num_classes``; implement encode/decode."""
 
     dim: int = 2
     in_channels: int = 1
     num_classes: int = 2
+    # Leading feature maps that feature perturbations leave alone (smp encoders return the input image first).
+    unperturbed_levels: int = 0
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError  # abstract: every registered backbone overrides it

@@ -1,0 +1,16 @@
+"""Algorithms: importing this package registers the built-in ones."""
+
+from semiseg.algorithms import (  # noqa: F401
+    bcp,
+    crossmatch,
+    fixmatch,
+    meanteacher,
+    perturbations,
+    supervised,
+    uamt,
+    unimatch,
+)
+from semiseg.algorithms.base import Algorithm, Stage, StepContext, StepResult
+from semiseg.algorithms.graph import Edge, GraphAlgorithm, MixView, Stream
+
+__all__ = ["Algorithm", "Edge", "GraphAlgorithm", "MixView", "Stage", "StepContext", "StepResult", "Stream"]

@@ -1,0 +1,89 @@
+"""The Algorithm base class: what an algorithm may ask of the engine, and what it returns.
+
+An algorithm turns a batch into named, already-weighted loss terms. It never touches the device, the optimizer,
+the loader or the logger: the engine moves the batch, sums the terms, steps, logs and keeps EMA teachers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# What an algorithm can ask the loaders for (``Algorithm.needs``):
+#   "labeled"   -> x (B, C, *S), y (B, *S)
+#   "unlabeled" -> u_w: the weakly augmented unlabeled view
+#   "strong"    -> u_s1, u_s2 (two independent strong views of u_w) and box1, box2 (CutMix boxes, (B, *S))
+#   "mix"       -> the mix-partner batch from a second unlabeled loader: u_w_mix, u_s1_mix, u_s2_mix
+NEEDS = ("labeled", "unlabeled", "strong", "mix")
+
+
+@dataclass
+class Stage:
+    """A training stage: BCP pre-trains, then self-trains; most algorithms have one stage."""
+
+    name: str
+    iterations: int
+
+
+@dataclass
+class StepContext:
+    """What the engine tells the algorithm about the current step."""
+
+    iteration: int  # global, 0-based
+    total_iterations: int
+    stage: str = "train"
+    stage_iteration: int = 0
+    stage_iterations: int = 0
+    teacher: nn.Module | None = None  # the EMA teacher, when the algorithm sets ``ema``
+    generator: torch.Generator | None = None  # for feature perturbations; None = torch's global RNG
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, torch.Tensor]  # weighted terms; the engine backpropagates their sum
+    logs: dict[str, float] = field(default_factory=dict)  # extra scalars: raw losses, mask ratios...
+
+
+class Algorithm:
+    """Base class. Subclasses take their options as explicit keyword arguments of ``__init__``."""
+
+    name: str = "algorithm"
+    paper: str = ""
+    year: int | None = None
+    needs: tuple[str, ...] = ("labeled",)
+    # An EMA teacher kept by the engine: {"decay": 0.99, "warmup": True, "buffers": False}; None = no teacher.
+    ema: dict[str, Any] | None = None
+
+    def __init__(self) -> None:
+        self.num_classes = 2
+        self.dim = 2
+        self.dice_classes = "all"
+
+    def setup(self, num_classes: int, dim: int) -> None:
+        """Called by the engine once the dataset is known."""
+        self.num_classes = num_classes
+        self.dim = dim
+        # ACDC-style multi-class Dice averages every class (background included); binary tasks (LA) use the
+        # foreground channel only, as the official code of both does.
+        self.dice_classes = "foreground" if num_classes == 2 else "all"
+
+    def stages(self, iterations: int) -> list[Stage]:
+        return [Stage("train", iterations)]
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepResult:
+        raise NotImplementedError  # abstract: every registered algorithm overrides it
+
+    def on_stage_start(self, stage: Stage, model: nn.Module, ctx: StepContext) -> None:
+        """Hook at the start of each stage (BCP re-initialises its teacher here)."""
+
+    def on_step_end(self, model: nn.Module, ctx: StepContext) -> None:
+        """Hook after the optimizer step (the engine has already updated the EMA teacher)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,94 @@
+"""CrossMatch (Zhao et al., IEEE JBHI 2025): knowledge distillation between image- and feature-perturbed streams.
+
+Follows the official code at its current head (ALGORITHMS.md section 6). The weak view u_w is the teacher.
+Its hard pseudo-label T_w (with the mix partner's prediction inside each CutMix box: T1, T2) supervises the two
+strong views (image-level perturbation, L_ip) and four feature-perturbed students: weak and strong channel
+dropout of u_w and of s2 (teacher-to-student distillation, L_tkd). The feature-perturbed weak streams are
+themselves teachers of the matching perturbed strong streams (teacher-assistant distillation, L_dkd).
+
+    L = (L_sup + 0.25 D(P_s1, T1) + 0.25 D(P_s2, T2) + K ((1 - eta) mean(L_tkd) + eta mean(L_dkd))) / 2
+
+with every unsupervised term a Dice on hard labels with unconfident pixels ignored; K = 0.5 on 2D (ACDC
+code), 1.0 on 3D (LA code). The model stays in train mode throughout, as in the official code since cd1e25c.
+The mix partner's clean and perturbed teachers share one encoder pass (the official code spends two: a plain
+forward and a feature-perturbed forward padded with the labeled batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+from semiseg.algorithms.base import StepContext
+from semiseg.algorithms.graph import Edge, GraphAlgorithm, MixView, Stream
+from semiseg.errors import ConfigError
+from semiseg.registry import register_algorithm
+from semiseg.schedules import sigmoid_rampup
+
+
+@register_algorithm("crossmatch")
+class CrossMatch(GraphAlgorithm):
+    name = "crossmatch"
+    paper = "CrossMatch (Zhao et al.)"
+    year = 2025
+    needs = ("labeled", "unlabeled", "strong", "mix")
+
+    def __init__(self, variant: str = "auto", eta: float = 0.3, weak_drop: float = 0.25,
+                 strong_drop: float = 0.75, perturb: str = "drop", threshold: float | None = None,
+                 threshold_ramp: int = 17000, kd_weight: float | None = None) -> None:
+        super().__init__()
+        if variant not in ("auto", "acdc", "la"):
+            raise ConfigError(f"CrossMatch variant '{variant}' is unknown; use auto, acdc or la.")
+        if not 0.0 <= eta <= 1.0:
+            raise ConfigError(f"CrossMatch eta={eta} must lie in [0, 1] (the paper uses 0.3).")
+        self.variant, self.eta = variant, eta
+        self.weak, self.strong = f"{perturb}:{weak_drop}", f"{perturb}:{strong_drop}"
+        self.threshold, self.threshold_ramp, self.kd_weight = threshold, threshold_ramp, kd_weight
+        self.setup(num_classes=4, dim=2)
+
+    def setup(self, num_classes: int, dim: int) -> None:
+        super().setup(num_classes, dim)
+        variant = self.variant if self.variant != "auto" else ("la" if dim == 3 else "acdc")
+        kd = self.kd_weight if self.kd_weight is not None else (1.0 if variant == "la" else 0.5)
+        tau = self._la_threshold if variant == "la" else (0.95 if self.threshold is None else self.threshold)
+        w_ip, w_tkd, w_dkd = 0.25 / 2, kd * (1 - self.eta) / 4 / 2, kd * self.eta / 2 / 2
+        weak, strong = self.weak, self.strong
+
+        self.views = [MixView("s1", "u_s1", "u_s1_mix", "box1"), MixView("s2", "u_s2", "u_s2_mix", "box2")]
+        self.streams = [
+            # teachers of the CutMix boxes: the mix partner, clean and feature-perturbed, no gradient
+            Stream("P_mix", "u_w_mix", grad=False, group="mix"),
+            Stream("P_mix_w", "u_w_mix", weak, grad=False, group="mix"),
+            Stream("P_mix_s", "u_w_mix", strong, grad=False, group="mix"),
+            # f_fp(cat(x, u_w)): one encoder pass, one decoder pass over 4B
+            Stream("P_x", "x", group="weak"),
+            Stream("P_w", "u_w", group="weak"),
+            Stream("P_w_w", "u_w", weak, group="weak"),
+            Stream("P_w_s", "u_w", strong, group="weak"),
+            # f_fp(cat(s1, s2)): s1 gets the clean decoder only, s2 all three
+            Stream("P_s1", "s1", group="strong"),
+            Stream("P_s2", "s2", group="strong"),
+            Stream("P_s2_w", "s2", weak, group="strong"),
+            Stream("P_s2_s", "s2", strong, group="strong"),
+        ]
+        self.edges = [
+            Edge("P_x", "y", loss="sup", weight=0.5, name="sup"),
+            # L_ip: image-level perturbation
+            Edge("P_s1", "P_w", w_ip, threshold=tau, box="box1", mix_teacher="P_mix", name="ip_s1"),
+            Edge("P_s2", "P_w", w_ip, threshold=tau, box="box2", mix_teacher="P_mix", name="ip_s2"),
+            # L_tkd: teacher -> feature-perturbed students
+            Edge("P_w_w", "P_w", w_tkd, threshold=tau, name="tkd_w_weak"),
+            Edge("P_w_s", "P_w", w_tkd, threshold=tau, name="tkd_w_strong"),
+            Edge("P_s2_w", "P_w", w_tkd, threshold=tau, box="box2", mix_teacher="P_mix", name="tkd_s2_weak"),
+            Edge("P_s2_s", "P_w", w_tkd, threshold=tau, box="box2", mix_teacher="P_mix", name="tkd_s2_strong"),
+            # L_dkd: teacher assistants (perturbed weak streams) -> perturbed strong streams
+            Edge("P_s2_w", "P_w_w", w_dkd, threshold=tau, box="box2", mix_teacher="P_mix_w", name="dkd_weak"),
+            Edge("P_s2_s", "P_w_s", w_dkd, threshold=tau, box="box2", mix_teacher="P_mix_s", name="dkd_strong"),
+        ]
+        self.check_graph()
+
+    def _la_threshold(self, ctx: StepContext) -> float:
+        """LA code: tau0 at the first step, then (tau0 + (1 - tau0) sigmoid_rampup(t, 17000)) ln 2."""
+        tau0 = 0.75 if self.threshold is None else self.threshold
+        if ctx.iteration == 0:
+            return tau0
+        return (tau0 + (1 - tau0) * sigmoid_rampup(ctx.iteration, self.threshold_ramp)) * math.log(2)

@@ -1,0 +1,33 @@
+"""FixMatch (Sohn et al., NeurIPS 2020) in the medical form of the UniMatch code base (ALGORITHMS.md section 2).
+
+A no-grad teacher in eval mode predicts the mix partner; the weak view's hard pseudo-label, with the mix
+partner's prediction inside the CutMix box, supervises the strong CutMixed view through Dice with pixels below
+the confidence threshold ignored. L = (L_sup + L_u) / 2.
+"""
+
+from semiseg.algorithms.graph import Edge, GraphAlgorithm, MixView, Stream
+from semiseg.registry import register_algorithm
+
+
+@register_algorithm("fixmatch")
+class FixMatch(GraphAlgorithm):
+    name = "fixmatch"
+    paper = "FixMatch (Sohn et al.)"
+    year = 2020
+    needs = ("labeled", "unlabeled", "strong", "mix")
+
+    def __init__(self, threshold: float = 0.95) -> None:
+        super().__init__()
+        self.views = [MixView("s1", base="u_s1", partner="u_s1_mix", box="box1")]
+        self.streams = [
+            Stream("P_mix", view="u_w_mix", grad=False, train_mode=False),
+            Stream("P_x", view="x", group="main"),
+            Stream("P_w", view="u_w", group="main"),
+            Stream("P_s", view="s1"),
+        ]
+        self.edges = [
+            Edge("P_x", teacher="y", loss="sup", weight=0.5, name="sup"),
+            Edge("P_s", teacher="P_w", weight=0.5, threshold=threshold, box="box1", mix_teacher="P_mix",
+                 name="strong"),
+        ]
+        self.check_graph()

@@ -1,0 +1,267 @@
+"""The command line: parses, calls the library, prints. Errors a user can act on print one line, no traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+from rich.console import Console
+from rich.table import Table
+
+from semiseg import __version__, registry
+from semiseg.errors import ConfigError, SemisegError
+
+console = Console(stderr=True)
+
+
+def _parse_size(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = text.replace("x", ",").replace("X", ",").split(",")
+    try:
+        return [int(p) for p in parts if p.strip()]
+    except ValueError as e:
+        raise ConfigError(f"Size '{text}' is not a list of integers; write e.g. 128,128 or 64x64x32.") from e
+
+
+class SemisegGroup(click.Group):
+    """Turns SemisegError into one red sentence and exit code 2 (--debug shows the traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SemisegError as e:
+            if ctx.obj and ctx.obj.get("debug") or os.environ.get("SEMISEG_DEBUG"):
+                raise
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            sys.exit(2)
+
+
+@click.group(cls=SemisegGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="semiseg")
+@click.option("--plugin", "plugins", multiple=True, help="Load a plugin: path/to/file.py or a module name.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, plugins: tuple[str, ...], debug: bool) -> None:
+    """semiseg: semi-supervised medical image segmentation, one trainer for every algorithm."""
+    ctx.obj = {"debug": debug, "plugins": list(plugins)}
+    if debug:
+        os.environ["SEMISEG_DEBUG"] = "1"
+    for p in plugins:
+        registry.load_plugin(p)
+
+
+# -- train ----------------------------------------------------------------------------------------------------
+TRAIN_FLAGS = {
+    # cli name -> config key
+    "algo": "algo", "backbone": "backbone", "data": "data", "data_root": "data_root", "labeled": "labeled",
+    "iterations": "iterations", "batch_size": "batch_size", "unlabeled_batch_size": "unlabeled_batch_size",
+    "lr": "lr", "optimizer": "optimizer", "schedule": "schedule", "warmup": "warmup", "nesterov": "nesterov",
+    "weight_decay": "weight_decay", "amp": "amp", "clip_grad": "clip_grad", "seed": "seed", "device": "device",
+    "out": "out", "val_every": "val_every", "log_every": "log_every", "workers": "workers", "policy": "policy",
+    "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn", "val_split": "val_split",
+    "poly_total": "poly_total", "ema_decay": "ema_decay",
+}
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(), help="YAML config (a run's config.yaml reruns it).")
+@click.option("--algo", default="supervised", show_default=True, help="Algorithm (see `semiseg list`).")
+@click.option("--opt", "algo_opts", multiple=True, help="Algorithm option key=value, e.g. --opt eta=0.3.")
+@click.option("--backbone", default="auto", show_default=True, help="unet, vnet, unet3d, smp; auto picks by data.")
+@click.option("--arch", help="smp architecture, e.g. Unet, FPN, DeepLabV3Plus (with --backbone smp).")
+@click.option("--encoder", help="smp/timm encoder, e.g. resnet34 or tu-resnet10t (with --backbone smp).")
+@click.option("--weights", help="Local weights file for the smp encoder (no downloads).")
+@click.option("--width", type=float, help="Width multiplier for thinner networks (e.g. 0.5 on CPU).")
+@click.option("--backbone-opt", "backbone_opts", multiple=True, help="Backbone option key=value.")
+@click.option("--data", default="synthetic", show_default=True, help="Dataset (see `semiseg list`).")
+@click.option("--data-root", help="Folder of the dataset's files.")
+@click.option("--data-opt", "data_opts", multiple=True, help="Dataset option key=value, e.g. --data-opt dim=3.")
+@click.option("--dim", type=click.Choice(["2", "3"]), help="Synthetic/NIfTI data: 2D or 3D (default from backbone).")
+@click.option("--labeled", type=float, help="Labeled count (>= 1) or fraction (< 1).")
+@click.option("--iterations", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Labeled images per step.")
+@click.option("--unlabeled-batch-size", type=int, help="Unlabeled images per step (default: --batch-size).")
+@click.option("--lr", type=float, help="Learning rate (default 0.01 SGD, 1e-3 AdamW).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--schedule", type=click.Choice(["poly", "constant", "step", "cosine"]), default="poly",
+              show_default=True)
+@click.option("--poly-total", type=int, help="Poly decay horizon (default: the run length).")
+@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up iterations.")
+@click.option("--nesterov/--no-nesterov", default=False, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--amp/--no-amp", default=False, show_default=True, help="Mixed precision (bf16 CPU, fp16 CUDA).")
+@click.option("--clip-grad", type=float, help="Clip the gradient norm to this value.")
+@click.option("--channels-last/--no-channels-last", default=False, show_default=True)
+@click.option("--compile/--no-compile", "compile", default=False, show_default=True)
+@click.option("--sync-bn/--no-sync-bn", default=False, show_default=True, help="SyncBatchNorm under torchrun.")
+@click.option("--patch-size", "--crop-size", "patch_size", help="Training crop/patch, e.g. 128,128 or 64x64x32.")
+@click.option("--policy", help="Augmentation policy (default: the dataset's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, help="Loader worker processes (default 0 on CPU, 4 on CUDA).")
+@click.option("--val-every", type=int, default=100, show_default=True)
+@click.option("--val-split", help="Split used for validation (default: the dataset's).")
+@click.option("--ema-decay", type=float, help="Override the EMA teacher decay.")
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--out", help="Run directory (default runs/<algo>-<data>-s<seed>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt.")
+@click.option("--plugin", "plugins", multiple=True, help="Load a plugin: path/to/file.py or a module name.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Processes (shortcut for torchrun).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def train(ctx: click.Context, **kw: Any) -> None:
+    """Train an algorithm. Example: semiseg train --algo crossmatch --backbone vnet"""
+    from semiseg.engine.config import TrainConfig, parse_options
+
+    if kw["nproc"] > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_torchrun(kw["nproc"])
+    for p in kw["plugins"]:
+        registry.load_plugin(p)
+    cfg = TrainConfig.load(kw["config_file"]) if kw["config_file"] else TrainConfig()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or not kw["config_file"]
+
+    for flag, key in TRAIN_FLAGS.items():
+        if given(flag) and kw[flag] is not None:
+            setattr(cfg, key, kw[flag])
+    if kw["patch_size"]:
+        cfg.patch_size = _parse_size(kw["patch_size"])
+    cfg.algo_options.update(parse_options(kw["algo_opts"], "--opt"))
+    cfg.backbone_options.update(parse_options(kw["backbone_opts"], "--backbone-opt"))
+    cfg.data_options.update(parse_options(kw["data_opts"], "--data-opt"))
+    for k in ("arch", "encoder", "weights", "width"):
+        if kw[k] is not None:
+            cfg.backbone_options[k] = kw[k]
+    if kw["dim"]:
+        cfg.data_options["dim"] = int(kw["dim"])
+    if cfg.data == "synthetic" and "dim" not in cfg.data_options:
+        # the backbone decides: vnet/unet3d want volumes, everything else images
+        cfg.data_options["dim"] = 3 if cfg.backbone in ("vnet", "unet3d") else 2
+    cfg.plugins = sorted(set(cfg.plugins) | set(kw["plugins"]) | set((ctx.obj or {}).get("plugins", [])))
+    if not cfg.out or (given("out") and kw["out"] is None):
+        cfg.out = f"runs/{cfg.algo}-{cfg.data}-s{cfg.seed}"
+    last = Path(cfg.out) / "checkpoints" / "last.pt"
+    if last.exists() and not kw["resume"]:
+        raise ConfigError(f"Run directory '{cfg.out}' already holds a checkpoint; pass --resume to continue "
+                          f"it or choose another --out.")
+
+    from semiseg.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, quiet=kw["quiet"])
+    if trainer.dist.is_main:
+        d = trainer.data
+        console.print(f"[bold]semiseg[/] {cfg.algo} on {d.name} ({d.dim}D, {d.num_classes} classes, "
+                      f"{len(d.labeled)} labeled / {len(d.unlabeled)} unlabeled), backbone "
+                      f"{trainer.meta['backbone']} ({sum(p.numel() for p in trainer.model.parameters()):,} "
+                      f"parameters), {trainer.total} iterations on {trainer.device} -> {cfg.out}", highlight=False)
+    summary = trainer.fit(resume=kw["resume"])
+    if trainer.dist.is_main and summary.get("last"):
+        console.print(f"done: last val dice {summary['last']['dice']:.4f}, best {summary['best']['dice']:.4f} "
+                      f"at step {summary['best']['iteration']}; {cfg.out}", highlight=False)
+
+
+def _relaunch_torchrun(nproc: int) -> None:
+    import subprocess
+
+    args = [a for a in sys.argv[1:]]
+    i = args.index("--nproc") if "--nproc" in args else None
+    if i is not None:
+        del args[i:i + 2]
+    else:
+        args = [a for a in args if not a.startswith("--nproc=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "semiseg", *args]
+    sys.exit(subprocess.call(cmd))
+
+
+# -- eval / predict -----------------------------------------------------------------------------------------------
+@cli.command(name="eval")
+@click.argument("run", type=click.Path())
+@click.option("--split", default="test", show_default=True, help="Evaluation split (val, test, valtest...).")
+@click.option("--checkpoint", "which", type=click.Choice(["last", "best"]), default="last", show_default=True,
+              help="Which checkpoint of a run directory (the CrossMatch paper reports last).")
+@click.option("--data-root", help="Where the data lives now, if it moved since training.")
+@click.option("--out", help="Report directory (default RUN/eval).")
+@click.option("--save-pred", type=click.Choice(["nifti", "h5", "none"]), default="nifti", show_default=True)
+@click.option("--empty", type=click.Choice(["nan", "zero"]), default="nan", show_default=True,
+              help="Empty-mask policy: nan excludes HD95/ASD of one-sided empty masks; zero scores them 0.")
+@click.option("--spacing", type=click.Choice(["voxel", "mm"]), default="voxel", show_default=True)
+@click.option("--stride", help="Sliding-window stride for 3D, e.g. 18,18,4 (the official LA test).")
+@click.option("--max-cases", type=int, help="Evaluate only the first N cases.")
+@click.option("--device", default="auto", show_default=True)
+def eval_cmd(run: str, split: str, which: str, data_root: str | None, out: str | None, save_pred: str,
+             empty: str, spacing: str, stride: str | None, max_cases: int | None, device: str) -> None:
+    """Evaluate RUN (a run directory or a .pt checkpoint): Dice, Jaccard, HD95, ASD per case and class."""
+    from semiseg.evaluation.runs import evaluate_run
+
+    st = tuple(_parse_size(stride)) if stride else None
+    s = evaluate_run(run, split=split, data_root=data_root, out=out, which=which, device=device,
+                     save_pred=None if save_pred == "none" else save_pred, empty=empty, spacing=spacing,
+                     max_cases=max_cases, stride=st)
+    t = Table(title=f"{s['checkpoint']} (step {s['iteration']}) on {split}: {s['num_cases']} cases")
+    for col in ("class", "dice", "jaccard", "hd95", "asd"):
+        t.add_column(col, justify="right" if col != "class" else "left")
+    rows = list(s["per_class"].items()) + [("mean", s["overall"])]
+    for name, stats in rows:
+        t.add_row(str(name), *(_fmt(stats.get(m)) for m in ("dice", "jaccard", "hd95", "asd")))
+    Console().print(t)
+    console.print(f"report: {s['out_dir']}", highlight=False)
+
+
+def _fmt(stat: Any) -> str:
+    if isinstance(stat, dict):
+        mean, std = stat.get("mean"), stat.get("std")
+        if mean is None:
+            return "-"
+        return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+    return "-" if stat is None else f"{stat:.4f}"
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Folder for the predicted label maps.")
+@click.option("--format", "fmt", type=click.Choice(["nifti", "h5", "png"]), help="Default: png for 2D, nifti else.")
+@click.option("--device", default="auto", show_default=True)
+def predict(checkpoint: str, inputs: tuple[str, ...], out: str, fmt: str | None, device: str) -> None:
+    """Predict label maps for new images (NIfTI, h5, PNG/JPG/TIFF) with a checkpoint or run directory."""
+    from semiseg.evaluation.runs import predict_files
+
+    for p in predict_files(checkpoint, list(inputs), out, device=device, fmt=fmt):
+        console.print(f"wrote {p}", highlight=False)
+
+
+# -- list -----------------------------------------------------------------------------------------------------
+def _doc(obj: Any) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+@cli.command(name="list")
+def list_cmd() -> None:
+    """Show every registered algorithm, backbone, dataset, policy, perturbation and preset (plugins too)."""
+    out = Console()
+    for title, table in registry.TABLES.items():
+        t = Table(title=title, title_justify="left", show_lines=False)
+        t.add_column("name", style="bold cyan")
+        t.add_column("from")
+        t.add_column("description")
+        for name in table.names():
+            t.add_row(name, table.origin(name), _doc(table.get(name)))
+        out.print(t)
+    plugins = registry.loaded_plugins()
+    out.print(f"plugins loaded: {', '.join(plugins) if plugins else 'none'}")
+
+
+def main() -> None:
+    cli(prog_name="semiseg")
+
+
+if __name__ == "__main__":
+    main()

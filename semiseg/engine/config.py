@@ -1,0 +1,116 @@
+"""The run configuration: one dataclass, saved as ``config.yaml`` in the run directory so the run can be rerun."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from semiseg.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    algo: str = "supervised"
+    algo_options: dict[str, Any] = field(default_factory=dict)
+    backbone: str = "auto"  # auto: unet for 2D data, vnet for 3D
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    data: str = "synthetic"
+    data_root: str | None = None
+    data_options: dict[str, Any] = field(default_factory=dict)
+    labeled: float | None = None  # count (>= 1) or fraction (< 1); None = the dataset's default
+    patch_size: list[int] | None = None
+    policy: str | None = None  # None = the dataset's default augmentation policy
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    iterations: int = 200
+    batch_size: int = 4  # labeled images per step (per process)
+    unlabeled_batch_size: int | None = None  # default: batch_size
+    optimizer: str = "sgd"
+    lr: float | None = None  # default: 0.01 for SGD, 1e-3 for AdamW
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    schedule: str = "poly"
+    poly_total: int | None = None  # poly decay horizon (CrossMatch LA decays over 17000 whatever the length)
+    warmup: int = 0
+    amp: bool = False
+    clip_grad: float | None = None
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None  # None: 0 on CPU, 4 on CUDA
+    val_every: int = 100
+    val_split: str | None = None
+    val_max_cases: int | None = None
+    log_every: int = 10
+    out: str = "runs/run"
+    ema_decay: float | None = None  # override the algorithm's EMA decay
+    sync_bn: bool = False
+    plugins: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ConfigError(f"{source} has unknown keys {bad}; known keys are: {', '.join(sorted(known))}.")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file '{p}' does not exist; pass a YAML file written by `semiseg train`.")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file '{p}' is not valid YAML ({e}); fix the syntax.") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"Config file '{p}' must hold a mapping of keys to values.")
+        return cls.from_dict(d, source=f"Config file '{p}'")
+
+    def validate(self) -> None:
+        if self.iterations < 1:
+            raise ConfigError(f"--iterations must be at least 1, got {self.iterations}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"--optimizer '{self.optimizer}' is unknown; use sgd or adamw.")
+        from semiseg.schedules import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule '{self.schedule}' is unknown; use one of {', '.join(SCHEDULES)}.")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device '{self.device}' is unknown; use auto, cpu or cuda.")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}.")
+        if self.labeled is not None and self.labeled <= 0:
+            raise ConfigError(f"--labeled must be a positive count or a fraction in (0, 1), got {self.labeled}.")
+
+
+def parse_value(text: str) -> Any:
+    """'0.3' -> 0.3, 'true' -> True, '[64,64,32]' -> list; anything else stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_options(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ConfigError(f"{flag} expects key=value, got '{p}'; e.g. {flag} eta=0.3.")
+        k, v = p.split("=", 1)
+        out[k.strip().replace("-", "_")] = parse_value(v)
+    return out

@@ -1,0 +1,368 @@
+"""The training loop. It knows no particular algorithm: it builds the parts from the registries, feeds the
+algorithm the batches it asked for, sums its loss terms, steps, validates, logs and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from semiseg import registry
+from semiseg.algorithms.base import Algorithm, Stage, StepContext
+from semiseg.engine import checkpoint as ckpt_io
+from semiseg.engine import distributed as dist_utils
+from semiseg.engine.config import TrainConfig
+from semiseg.engine.ema import EMATeacher
+from semiseg.engine.loaders import ZipLoaders, make_loader
+from semiseg.engine.progress import ProgressLog
+from semiseg.errors import ConfigError, TrainingError
+from semiseg.evaluation.protocol import validate
+from semiseg.schedules import learning_rate
+
+MIN_FREE_BYTES = 200 * 2**20
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+    return torch.device(name)
+
+
+def build_data(cfg: TrainConfig):
+    """The dataset named in the config, with the shared options mapped onto the factory's parameters."""
+    kwargs = dict(cfg.data_options)
+    if cfg.data_root is not None:
+        kwargs["root"] = cfg.data_root
+    if cfg.labeled is not None:
+        kwargs["labeled"] = cfg.labeled
+    if cfg.patch_size is not None:
+        kwargs["patch_size"] = tuple(cfg.patch_size)
+    fn = registry.DATASETS.get(cfg.data)
+    names, _ = registry.accepted_kwargs(fn)
+    if "seed" in names and "seed" not in kwargs:
+        kwargs["seed"] = cfg.seed
+    return registry.create_dataset(cfg.data, **kwargs)
+
+
+def build_model(cfg: TrainConfig, data) -> nn.Module:
+    name = cfg.backbone
+    if name == "auto":
+        name = "vnet" if data.dim == 3 else "unet"
+    opts = dict(cfg.backbone_options)
+    opts.setdefault("in_channels", data.in_channels)
+    opts.setdefault("num_classes", data.num_classes)
+    model = registry.create_backbone(name, **opts)
+    bdim = getattr(model, "dim", None)
+    if bdim is not None and bdim != data.dim:
+        other = "vnet or unet3d" if data.dim == 3 else "unet or smp"
+        raise ConfigError(
+            f"Backbone '{name}' is {bdim}D but dataset '{data.name}' is {data.dim}D; use --backbone {other}."
+        )
+    return model
+
+
+def build_policy(cfg: TrainConfig, data):
+    name = cfg.policy or data.policy
+    return registry.POLICIES.create(name, patch_size=tuple(data.patch_size), **cfg.policy_options)
+
+
+def build_algorithm(cfg: TrainConfig, data) -> Algorithm:
+    algo = registry.create_algorithm(cfg.algo, **cfg.algo_options)
+    if not isinstance(algo, Algorithm):
+        raise ConfigError(f"Algorithm '{cfg.algo}' does not subclass semiseg.algorithms.Algorithm.")
+    algo.setup(num_classes=data.num_classes, dim=data.dim)
+    return algo
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before training, not after hours, when the run cannot be saved."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(
+            f"Output directory '{out}' is not writable ({e.strerror}); choose another --out."
+        ) from e
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise TrainingError(
+            f"Output directory '{out}' has only {free // 2**20} MiB free (need {MIN_FREE_BYTES // 2**20} MiB for "
+            f"checkpoints); free some space or choose another --out."
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, quiet: bool = False) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.quiet = quiet
+        for p in cfg.plugins:
+            registry.load_plugin(p)
+        self.dist = dist_utils.init()
+        self.device = dist_utils.device_for(self.dist, pick_device(cfg.device))
+        self.out = Path(cfg.out)
+        if self.dist.is_main:
+            check_output_dir(self.out)
+        self.data = build_data(cfg)
+        seed_everything(cfg.seed)
+        self.model = build_model(cfg, self.data).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last if self.data.dim == 2
+                                       else torch.channels_last_3d)
+        self.algo = build_algorithm(cfg, self.data)
+        self.policy = build_policy(cfg, self.data)
+        self.stages: list[Stage] = self.algo.stages(cfg.iterations)
+        self.total = sum(s.iterations for s in self.stages)
+        self.teacher: EMATeacher | None = None
+        if self.algo.ema is not None:
+            ema = dict(self.algo.ema)
+            if cfg.ema_decay is not None:
+                ema["decay"] = cfg.ema_decay
+            self.teacher = EMATeacher(self.model, **ema)
+        self.step_model = dist_utils.wrap(self.model, self.algo, self.dist, cfg.sync_bn)
+        self.optimizer = self._optimizer()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
+        self.iteration = 0
+        self.best: dict[str, Any] = {"dice": -1.0, "iteration": -1}
+        self.meta = {
+            "algo": cfg.algo,
+            "backbone": cfg.backbone if cfg.backbone != "auto" else ("vnet" if self.data.dim == 3 else "unet"),
+            "backbone_options": dict(cfg.backbone_options),
+            "num_classes": self.data.num_classes,
+            "in_channels": self.data.in_channels,
+            "dim": self.data.dim,
+            "patch_size": list(self.data.patch_size),
+            "data": cfg.data,
+        }
+
+    # -- parts ----------------------------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr or 0.01, momentum=c.momentum, weight_decay=c.weight_decay,
+                                   nesterov=c.nesterov)
+        return torch.optim.AdamW(params, lr=c.lr or 1e-3, weight_decay=c.weight_decay)
+
+    @property
+    def base_lr(self) -> float:
+        return self.cfg.lr or (0.01 if self.cfg.optimizer == "sgd" else 1e-3)
+
+    def _loaders(self, start: int, end: int) -> ZipLoaders:
+        c, d, needs = self.cfg, self.data, set(self.algo.needs)
+        workers = c.workers if c.workers is not None else (4 if self.device.type == "cuda" else 0)
+        ub = c.unlabeled_batch_size or c.batch_size
+        common = dict(seed=c.seed, start=start, end=end, workers=workers, rank=self.dist.rank,
+                      world=self.dist.world, pin_memory=self.device.type == "cuda")
+        loaders = []
+        if "labeled" in needs:
+            loaders.append(make_loader(d.labeled, self.policy, "labeled", c.batch_size, strong=False, **common))
+        if "unlabeled" in needs:
+            if len(d.unlabeled) == 0:
+                raise ConfigError(f"Algorithm '{c.algo}' needs unlabeled data but dataset '{d.name}' has none; "
+                                  f"lower --labeled or use --algo supervised.")
+            loaders.append(make_loader(d.unlabeled, self.policy, "unlabeled", ub, strong="strong" in needs,
+                                       **common))
+        if "mix" in needs:
+            loaders.append(make_loader(d.unlabeled, self.policy, "mix", ub, strong="strong" in needs, **common))
+        return ZipLoaders(loaders)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        nb = self.device.type == "cuda"
+        out = {k: v.to(self.device, non_blocking=nb) for k, v in batch.items()}
+        if self.cfg.channels_last:
+            fmt = torch.channels_last if self.data.dim == 2 else torch.channels_last_3d
+            out = {k: v.contiguous(memory_format=fmt) if v.dim() == self.data.dim + 2 else v
+                   for k, v in out.items()}
+        return out
+
+    def _stage_at(self, it: int) -> tuple[Stage, int]:
+        start = 0
+        for s in self.stages:
+            if it < start + s.iterations:
+                return s, it - start
+            start += s.iterations
+        return self.stages[-1], self.stages[-1].iterations
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": ckpt_io.FORMAT,
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher else None,
+            "algorithm": self.algo.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "best": dict(self.best),
+            "config": self.cfg.to_dict(),
+            "meta": self.meta,
+        }
+
+    def save(self, name: str = "last") -> Path:
+        path = self.out / "checkpoints" / f"{name}.pt"
+        if self.dist.is_main:
+            ckpt_io.save_atomic(self.state(), path)
+        return path
+
+    def resume(self, path: Path | None = None) -> bool:
+        path = path or self.out / "checkpoints" / "last.pt"
+        if not path.is_file():
+            return False
+        ck = ckpt_io.load(path)
+        ckpt_io.check_compatible(ck["meta"], self.meta, path)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        if self.teacher and ck.get("teacher") is not None:
+            self.teacher.load_state_dict(ck["teacher"])
+        self.algo.load_state_dict(ck.get("algorithm") or {})
+        torch.set_rng_state(ck["rng"]["torch"])
+        if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        self.iteration = int(ck["iteration"])
+        self.best = dict(ck["best"])
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def _ctx(self, it: int) -> StepContext:
+        stage, sit = self._stage_at(it)
+        return StepContext(iteration=it, total_iterations=self.total, stage=stage.name, stage_iteration=sit,
+                           stage_iterations=stage.iterations,
+                           teacher=self.teacher.model if self.teacher else None)
+
+    def train_step(self, batch: dict[str, torch.Tensor], it: int) -> dict[str, float]:
+        c = self.cfg
+        lr = learning_rate(c.schedule, self.base_lr, it, self.total, c.warmup, c.poly_total)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        ctx = self._ctx(it)
+        amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        autocast = torch.autocast(self.device.type, dtype=amp_dtype) if c.amp else nullcontext()
+        self.model.train()
+        with autocast:
+            result = self.step_model(batch, ctx)
+        loss = sum(result.losses.values())
+        terms = {k: float(v.detach()) for k, v in result.losses.items()}
+        if not math.isfinite(float(loss.detach())):
+            raise TrainingError(
+                f"Loss is not finite at step {it + 1} ({', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); "
+                f"lower --lr or enable --clip-grad; the last good checkpoint is kept in "
+                f"{self.out / 'checkpoints'}."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if c.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.teacher is not None:
+            self.teacher.update(self.model, it)
+        self.algo.on_step_end(self.model, ctx)
+        return {"loss": float(loss.detach()), "lr": lr, **terms, **result.logs}
+
+    def validate(self) -> dict[str, Any]:
+        split = self.cfg.val_split or self.data.val_split
+        return validate(self.model, self.data, split, self.device, max_cases=self.cfg.val_max_cases)
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        c = self.cfg
+        if resume and self.resume() and not self.quiet and self.dist.is_main:
+            print(f"resumed from {self.out / 'checkpoints' / 'last.pt'} at step {self.iteration}")
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            c.save(self.out / "config.yaml")
+        log = ProgressLog(self.out / "metrics.jsonl", self.total, self.iteration,
+                          enabled=self.dist.is_main, quiet=self.quiet)
+        interrupted = False
+        prev_handler = signal.getsignal(signal.SIGTERM)
+        if self.dist.is_main and hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            with log:
+                start_stage = None
+                while self.iteration < self.total:
+                    stage, sit = self._stage_at(self.iteration)
+                    stage_end = self.iteration - sit + stage.iterations
+                    if start_stage != stage.name:
+                        start_stage = stage.name
+                        if sit == 0:
+                            self.algo.on_stage_start(stage, self.model, self._ctx(self.iteration))
+                    loader = iter(self._loaders(self.iteration, stage_end))
+                    t_wait = time.perf_counter()
+                    for batch in loader:
+                        it = self.iteration
+                        data_s = time.perf_counter() - t_wait
+                        t0 = time.perf_counter()
+                        batch = self._to_device(batch)
+                        row = self.train_step(batch, it)
+                        self.iteration = it + 1
+                        row["data_ms"] = 1000 * data_s
+                        row["step_ms"] = 1000 * (time.perf_counter() - t0)
+                        log.step(self.iteration, row, log_row=self.iteration % c.log_every == 0
+                                 or self.iteration == self.total)
+                        if self.iteration % c.val_every == 0 or self.iteration == self.total:
+                            self._validate_and_save(log)
+                        t_wait = time.perf_counter()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.save("last")
+            if not self.quiet and self.dist.is_main:
+                print(f"interrupted: saved {self.out / 'checkpoints' / 'last.pt'} at step {self.iteration}; "
+                      f"continue with --resume")
+        finally:
+            if self.dist.is_main and hasattr(signal, "SIGTERM"):
+                signal.signal(signal.SIGTERM, prev_handler)
+        summary = {"iteration": self.iteration, "total": self.total, "interrupted": interrupted,
+                   "best": self.best, "last": self.last_val if hasattr(self, "last_val") else None,
+                   "out": str(self.out)}
+        if self.dist.is_main and not interrupted:
+            from semiseg.engine.progress import plot_curves
+
+            plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        return summary
+
+    def _validate_and_save(self, log: ProgressLog) -> None:
+        if self.dist.is_main:
+            res = self.validate()
+            self.last_val = res
+            log.record({"iter": self.iteration, **{f"val/{k}": v for k, v in res.items()}})
+            if res["dice"] > self.best["dice"]:
+                self.best = {"dice": res["dice"], "iteration": self.iteration}
+                self.save("best")
+        self.save("last")
+        dist_utils.barrier(self.dist)
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM (a scheduler's stop) saves like Ctrl-C
+    raise KeyboardInterrupt
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))

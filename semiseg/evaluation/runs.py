@@ -1,0 +1,148 @@
+"""Evaluate a trained run or checkpoint (`semiseg eval`) and predict new images (`semiseg predict`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from semiseg import registry
+from semiseg.data.base import Case
+from semiseg.engine import checkpoint as ckpt_io
+from semiseg.engine.config import TrainConfig
+from semiseg.errors import ConfigError, DataError
+from semiseg.evaluation.protocol import foreground_names, predictor
+from semiseg.evaluation.report import evaluate_cases, save_prediction
+
+
+def load_model(ckpt: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """Rebuild the backbone a checkpoint was trained with and load its weights (eval mode)."""
+    meta = ckpt["meta"]
+    opts = dict(meta.get("backbone_options") or {})
+    opts.pop("weights", None)  # the trained weights replace any pre-trained encoder file
+    opts.setdefault("in_channels", meta["in_channels"])
+    opts.setdefault("num_classes", meta["num_classes"])
+    model = registry.create_backbone(meta["backbone"], **opts)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = None, out: str | Path | None = None,
+                 which: str = "last", device: str = "auto", save_pred: str | None = "nifti", empty: str = "nan",
+                 spacing: str = "voxel", max_cases: int | None = None, stride: tuple[int, ...] | None = None,
+                 montage: int = 4) -> dict[str, Any]:
+    """Evaluate a run directory or checkpoint on ``split`` with the test protocol; write the report."""
+    from semiseg.engine.trainer import build_data, pick_device
+
+    ck_path = ckpt_io.resolve(path, prefer=which)
+    ck = ckpt_io.load(ck_path)
+    cfg = TrainConfig.from_dict(ck["config"], source=f"Checkpoint '{ck_path}'")
+    for p in cfg.plugins:
+        registry.load_plugin(p)
+    if data_root is not None:
+        cfg.data_root = data_root
+    data = build_data(cfg)
+    if data.num_classes != ck["meta"]["num_classes"]:
+        raise ConfigError(f"Dataset '{data.name}' has {data.num_classes} classes but checkpoint '{ck_path}' was "
+                          f"trained for {ck['meta']['num_classes']}; evaluate on the data it was trained on.")
+    dev = pick_device(device)
+    model = load_model(ck, dev)
+    cases = data.cases(split)
+    if max_cases:
+        cases = cases[:max_cases]
+    predict = predictor(model, data.dim, data.patch_size, data.num_classes, dev, mode="test", stride=stride)
+    out_dir = Path(out) if out else (ck_path.parent.parent / "eval" if ck_path.parent.name == "checkpoints"
+                                     else ck_path.parent / "eval")
+    summary = evaluate_cases(predict, cases, data.num_classes, spacing_mode=spacing, empty=empty, out_dir=out_dir,
+                             save_pred=save_pred, montage=montage, class_names=foreground_names(data))
+    summary.update({"checkpoint": str(ck_path), "iteration": ck["iteration"], "split": split,
+                    "out_dir": str(out_dir)})
+    return summary
+
+
+# -- predict ----------------------------------------------------------------------------------------------------
+def _minmax(a: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    return np.clip((a - lo) / max(hi - lo, 1e-8), 0, 1).astype(np.float32)
+
+
+def _zscore(a: np.ndarray) -> np.ndarray:
+    return ((a - a.mean()) / max(float(a.std()), 1e-8)).astype(np.float32)
+
+
+def read_input(path: Path, dim: int, in_channels: int) -> Case:
+    """Read a NIfTI, h5 or PNG/JPG/TIFF image as a Case with the normalisation the built-in datasets use:
+    2D: intensities in [0, 1] (8-bit / 255, otherwise 0.5-99.5 percentile min-max); 3D: per-volume z-score;
+    h5 files (ACDC/LA layouts) are taken as stored, since those files are already normalised."""
+    name = path.name.split(".")[0]
+    suffix = "".join(path.suffixes).lower()
+    if not path.is_file():
+        raise DataError(f"Input '{path}' does not exist; pass existing image files.")
+    try:
+        if suffix.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            arr = np.asarray(img.dataobj, dtype=np.float32)
+            spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+            if dim == 2:  # slices along the last axis, as the nifti dataset does
+                vol = _minmax(arr)
+                return Case(name, np.moveaxis(vol, -1, 0)[None], None, spacing, img.affine,
+                            meta={"slices_last": True})
+            return Case(name, _zscore(arr)[None], None, spacing, img.affine)
+        if suffix.endswith((".h5", ".hdf5")):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                if "image" not in f:
+                    raise DataError(f"Input '{path}' has no dataset 'image'; store the image under that key.")
+                arr = np.asarray(f["image"], dtype=np.float32)
+            return Case(name, arr[None], None)
+        if suffix.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+            from PIL import Image
+
+            im = np.asarray(Image.open(path))
+            arr = im.astype(np.float32) / 255.0 if im.dtype == np.uint8 else _minmax(im.astype(np.float32))
+            arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+            if arr.shape[0] != in_channels:
+                arr = arr.mean(0, keepdims=True).repeat(in_channels, 0)
+            return Case(name, arr, None)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"Input '{path}' cannot be read ({type(e).__name__}: {e}); check the file.") from e
+    raise DataError(f"Input '{path}' has an unknown type; use .nii.gz, .h5 or .png/.jpg/.tif.")
+
+
+def predict_files(checkpoint: str | Path, inputs: list[str], out: str | Path, device: str = "auto",
+                  fmt: str | None = None) -> list[Path]:
+    """Predict label maps for new images and write them next to each other in ``out``."""
+    from semiseg.engine.trainer import pick_device
+
+    ck_path = ckpt_io.resolve(checkpoint, prefer="best")
+    ck = ckpt_io.load(ck_path)
+    meta = ck["meta"]
+    dev = pick_device(device)
+    model = load_model(ck, dev)
+    predict = predictor(model, meta["dim"], tuple(meta["patch_size"]), meta["num_classes"], dev, mode="test")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for p in inputs:
+        case = read_input(Path(p), meta["dim"], meta["in_channels"])
+        pred = predict(case.image)
+        if case.meta.get("slices_last"):
+            pred = np.moveaxis(pred, 0, -1)
+        kind = fmt or ("png" if pred.ndim == 2 else "nifti")
+        if kind == "png":
+            from PIL import Image
+
+            scale = 255 if meta["num_classes"] == 2 else 1  # binary masks as 0/255, others as class indices
+            path = out / f"{case.name}.png"
+            Image.fromarray((pred * scale).astype(np.uint8)).save(path)
+            written.append(path)
+        else:
+            written.append(save_prediction(pred, case, out, kind, meta["num_classes"]))
+    return written

@@ -399,8 +399,8 @@ def test_bcp_trains_2d(tmp_path):
     terms (s = 1e-10) sit at ~1 whatever the net does; with 2 classes every term carries signal and the
     student fits the nearly fixed pseudo-labels (the teacher moves by 1% a step)."""
     cfg = cfg2d(tmp_path, "bcp", algo_options={"pretrain_iterations": 15}, iterations=60, val_every=60,
-                schedule="constant", optimizer="adamw", lr=0.01, data_options={"dim": 2, "n_train": 24, "n_val": 4, "size": [64, 64],
-                                                   "num_classes": 2})
+                schedule="constant", optimizer="adamw", lr=0.01,
+                data_options={"dim": 2, "n_train": 24, "n_val": 4, "size": [64, 64], "num_classes": 2})
     s = Trainer(cfg, quiet=True).fit()
     assert s["iteration"] == 60
     rows = logged(cfg)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from semiseg import __version__, registry
@@ -37,7 +38,8 @@ class SemisegGroup(click.Group):
         except SemisegError as e:
             if ctx.obj and ctx.obj.get("debug") or os.environ.get("SEMISEG_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            # soft_wrap: one line even when stderr is a file or a pipe (rich would wrap it at 80 columns)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
 
@@ -49,8 +51,6 @@ class SemisegGroup(click.Group):
 def cli(ctx: click.Context, plugins: tuple[str, ...], debug: bool) -> None:
     """semiseg: semi-supervised medical image segmentation, one trainer for every algorithm."""
     ctx.obj = {"debug": debug, "plugins": list(plugins)}
-    if debug:
-        os.environ["SEMISEG_DEBUG"] = "1"
     for p in plugins:
         registry.load_plugin(p)
 

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, SemisegError
 
 ENTRY_POINT_GROUP = "semiseg.plugins"
 
@@ -176,7 +176,11 @@ def load_plugin(spec: str) -> None:
             assert s is not None and s.loader is not None
             module = importlib.util.module_from_spec(s)
             sys.modules[mod_name] = module
-            s.loader.exec_module(module)
+            try:
+                s.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(mod_name, None)
+                raise
         else:
             try:
                 importlib.import_module(spec)
@@ -184,6 +188,12 @@ def load_plugin(spec: str) -> None:
                 raise ConfigError(
                     f"Plugin module '{spec}' cannot be imported ({e}); install it or pass a path to a .py file."
                 ) from e
+    except SemisegError:
+        raise
+    except Exception as e:  # the plugin's own code failed: one sentence, the traceback with --debug
+        raise ConfigError(
+            f"Plugin '{spec}' failed to load ({type(e).__name__}: {e}); fix it, or run with --debug to see where."
+        ) from e
     finally:
         _current_origin.current = None
     _loaded_plugins.append(spec)

@@ -259,6 +259,15 @@ def list_cmd() -> None:
     out.print(f"plugins loaded: {', '.join(plugins) if plugins else 'none'}")
 
 
+def _add_bench() -> None:
+    from semiseg.bench.command import bench
+
+    cli.add_command(bench)
+
+
+_add_bench()
+
+
 def main() -> None:
     cli(prog_name="semiseg")
 

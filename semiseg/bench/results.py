@@ -1,0 +1,316 @@
+"""The bench's outputs: ``results.csv`` (one row per run), ``curves.csv`` (validation Dice during training),
+``results.md`` (mean +- std over seeds, best in bold) and the plots ``dice_vs_iter.png`` / ``ms_per_iter.png``.
+
+Every file is rewritten whole through a temporary file and a rename after each run, so an interrupted bench
+never leaves half a row behind, and results from several machines or days merge by row key.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+KEY = ("preset", "algo", "labeled", "seed", "iterations")
+HEAD = KEY + ("eval_split", "mean_dice", "mean_jaccard", "mean_hd95", "mean_asd")
+# per-class Dice columns (dice_<class>) go between HEAD and TAIL, in class order
+TAIL = ("val_last_dice", "val_best_dice", "val_best_iter", "ms_per_iter", "ms_per_iter_std", "timing_iters",
+        "peak_mem_mb", "params_m", "gflops", "gmacs", "flops_input", "train_s", "eval_s", "wall_s", "resumed",
+        "device", "machine", "torch", "date", "command")
+CURVE_COLUMNS = KEY + ("iter", "val_dice")
+
+# (column, heading, higher is better, scale, decimals) of the Markdown summary; per-class Dice is added per file
+MD_METRICS = [
+    ("mean_dice", "Dice (%)", True, 100.0, 2),
+    ("mean_jaccard", "Jaccard (%)", True, 100.0, 2),
+    ("mean_hd95", "HD95 (vox)", False, 1.0, 2),
+    ("mean_asd", "ASD (vox)", False, 1.0, 2),
+]
+MD_COST = [
+    ("ms_per_iter", "ms/iter", False, 1.0, 1),
+    ("peak_mem_mb", "peak MB", False, 1.0, 0),
+]
+
+
+# -- keys and values --------------------------------------------------------------------------------------------
+def fmt_labeled(x: Any) -> str:
+    """3 -> '3', 3.0 -> '3', 0.1 -> '0.1': labeled counts and fractions written one way in keys."""
+    if x is None or x == "":
+        return "default"
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, ...]:
+    """(preset, algo, labeled, seed, iterations) as normalised strings."""
+    return (str(row["preset"]), str(row["algo"]), fmt_labeled(row["labeled"]), str(int(float(row["seed"]))),
+            str(int(float(row["iterations"]))))
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else format(v, ".6g")
+    return str(v)
+
+
+def to_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# -- CSV files ------------------------------------------------------------------------------------------------
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    with open(p, newline="") as f:
+        return [dict(r) for r in csv.DictReader(f)]
+
+
+def ordered_columns(rows: Iterable[dict[str, Any]], head: Sequence[str] = HEAD,
+                    tail: Sequence[str] = TAIL) -> list[str]:
+    seen: list[str] = []
+    for r in rows:
+        seen.extend(k for k in r if k not in seen)
+    middle = [c for c in seen if c.startswith("dice_") and c not in head and c not in tail]
+    extra = [c for c in seen if c not in head and c not in tail and c not in middle]
+    return list(head) + middle + list(tail) + extra
+
+
+def write_rows(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Write ``rows`` to a CSV atomically (temporary file, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    cols = list(columns) if columns is not None else ordered_columns(rows)
+    tmp = p.with_name(f".{p.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _cell(r.get(c)) for c in cols})
+    os.replace(tmp, p)
+
+
+def upsert_rows(path: str | Path, new: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Add ``new`` rows to a CSV, replacing rows with the same key; order of first appearance is kept."""
+    rows = read_rows(path)
+    index = {row_key(r): i for i, r in enumerate(rows)}
+    for r in new:
+        k = row_key(r)
+        if k in index:
+            rows[index[k]] = r
+        else:
+            index[k] = len(rows)
+            rows.append(r)
+    write_rows(path, rows, columns)
+
+
+def replace_curve(path: str | Path, key: tuple[str, ...], points: Sequence[tuple[int, float]]) -> None:
+    """Set the validation curve of one run (by key) in ``curves.csv``."""
+    rows = [r for r in read_rows(path) if row_key(r) != key]
+    rows += [dict(zip(KEY, key)) | {"iter": int(i), "val_dice": float(v)} for i, v in points]
+    write_rows(path, rows, CURVE_COLUMNS)
+
+
+# -- aggregation ----------------------------------------------------------------------------------------------
+def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
+    """Mean and sample standard deviation (ddof 1) of the finite values; std is NaN for fewer than two."""
+    xs = [x for x in (to_float(v) for v in values) if math.isfinite(x)]
+    if not xs:
+        return math.nan, math.nan, 0
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, math.nan, len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)), len(xs)
+
+
+def class_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return [c for c in ordered_columns(rows) if c.startswith("dice_")]
+
+
+def aggregate(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One entry per (preset, labeled, iterations, algo), in first-seen order: ``n`` seeds, ``seeds`` and
+    ``stats[column] = (mean, std, n)`` over the seeds."""
+    cols = list(columns) if columns is not None else (
+        [m[0] for m in MD_METRICS] + class_columns(rows) + [m[0] for m in MD_COST]
+        + ["ms_per_iter_std", "params_m", "gmacs", "gflops", "wall_s"])
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        k = row_key(r)
+        groups.setdefault((k[0], k[2], k[4], k[1]), []).append(r)
+    out = []
+    for (preset, labeled, iterations, algo), rs in groups.items():
+        out.append({
+            "preset": preset, "labeled": labeled, "iterations": iterations, "algo": algo, "n": len(rs),
+            "seeds": sorted(int(float(r["seed"])) for r in rs),
+            "stats": {c: mean_std(r.get(c) for r in rs) for c in cols},
+        })
+    return out
+
+
+def _fmt_stat(stat: tuple[float, float, int], scale: float, decimals: int) -> str:
+    m, s, n = stat
+    if n == 0:
+        return "–"
+    text = f"{m * scale:.{decimals}f}"
+    if n > 1:
+        text += f" ± {s * scale:.{decimals}f}"
+    return text
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], class_names: dict[str, str] | None = None) -> str:
+    """Mean +- std over seeds, one line per algorithm and labeled split; the best mean of each column within a
+    (preset, labeled, iterations) group in bold (ties all bold)."""
+    if not rows:
+        return "_no finished runs yet_\n"
+    per_class = class_columns(rows)
+    if len(per_class) == 1:
+        per_class = []  # one foreground class: its Dice is the mean Dice (the CSV keeps the column)
+    class_names = class_names or {}
+    metrics = MD_METRICS + [(c, f"{class_names.get(c, c[5:])} Dice (%)", True, 100.0, 2) for c in per_class]
+    groups = aggregate(rows)
+    headings = ["Algorithm", "Labeled", "Iterations", "Seeds"] + [m[1] for m in metrics + MD_COST] + \
+        ["Params (M)", "GMACs"]
+    presets = {g["preset"] for g in groups}
+    if len(presets) > 1:
+        headings.insert(0, "Preset")
+    lines = ["| " + " | ".join(headings) + " |", "|" + "|".join(["---"] * len(headings)) + "|"]
+    by_block: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for g in groups:
+        by_block.setdefault((g["preset"], g["labeled"], g["iterations"]), []).append(g)
+    for block in sorted(by_block, key=lambda b: (b[0], to_float(b[1]), int(b[2]))):
+        gs = by_block[block]
+        best: dict[str, float] = {}
+        for col, _, higher, _, _ in metrics + MD_COST:
+            vals = [g["stats"][col][0] for g in gs if g["stats"][col][2] > 0]
+            if vals and len(gs) > 1:
+                best[col] = max(vals) if higher else min(vals)
+        for g in gs:
+            cells = [g["algo"], g["labeled"], g["iterations"], ",".join(str(s) for s in g["seeds"])]
+            for col, _, _, scale, dec in metrics + MD_COST:
+                text = _fmt_stat(g["stats"][col], scale, dec)
+                if col in best and g["stats"][col][2] > 0 and \
+                        round(g["stats"][col][0] * scale, dec) == round(best[col] * scale, dec):
+                    text = f"**{text}**"
+                cells.append(text)
+            cells.append(_fmt_stat(g["stats"]["params_m"], 1.0, 3))
+            cells.append(_fmt_stat(g["stats"]["gmacs"], 1.0, 3))
+            if len(presets) > 1:
+                cells.insert(0, g["preset"])
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str | Path, rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = (),
+                   class_names: dict[str, str] | None = None) -> None:
+    """``results.md``: a title, the summary table, then provenance (commands, machines, dates) and notes."""
+    commands = sorted({r.get("command", "") for r in rows if r.get("command")})
+    machines = sorted({f"{r.get('machine', '')}; {r.get('device', '')}; torch {r.get('torch', '')}"
+                       for r in rows})
+    dates = sorted(r.get("date", "") for r in rows if r.get("date"))
+    text = [f"# {title}", ""]
+    for note in notes:
+        text += [note, ""]
+    text += [markdown_table(rows, class_names)]
+    text.append("Mean ± sample std over seeds (no ± with one seed); best mean per column and labeled split in "
+                "**bold**. Dice and Jaccard in %, HD95 and ASD in voxels, last checkpoint. ms/iter as in the "
+                "CrossMatch paper's Table III: batch to device, every forward, backward; no optimizer step. "
+                "peak MB: peak memory of those timed steps above the memory in use before them. Params and "
+                "GMACs: one backbone forward on the preset's batch and patch (thop's unit, Table III's "
+                "\"#Flops\").")
+    text.append("")
+    text.append(f"Runs: {len(rows)}" + (f", finished {dates[0]} to {dates[-1]}" if dates else "") + ".")
+    text.append("")
+    if machines:
+        text += ["Machine" + ("s" if len(machines) > 1 else "") + ":", ""]
+        text += [f"- {m}" for m in machines] + [""]
+    if commands:
+        text += ["Command" + ("s" if len(commands) > 1 else "") + ":", "", "```bash", *commands, "```", ""]
+    Path(path).write_text("\n".join(text))
+
+
+# -- plots ----------------------------------------------------------------------------------------------------
+def _blocks(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    keys = {(row_key(r)[0], row_key(r)[2], row_key(r)[4]) for r in rows}
+    return sorted(keys, key=lambda b: (b[0], to_float(b[1]), int(b[2])))
+
+
+def plot_dice_vs_iter(path: str | Path, curves: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> None:
+    """Validation Dice over training, one line per algorithm (mean over seeds), one panel per labeled split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = {row_key(r) for r in rows}
+    curves = [c for c in curves if row_key(c) in finished]
+    blocks = _blocks(rows) or [("", "", "0")]
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5.2 * len(blocks), 3.6), squeeze=False)
+    for ax, (preset, labeled, iterations) in zip(axes[0], blocks):
+        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == (preset, labeled, iterations)]
+        algos = list(dict.fromkeys(c["algo"] for c in sel))
+        for algo in algos:
+            by_iter: dict[int, list[float]] = {}
+            for c in sel:
+                if c["algo"] == algo and math.isfinite(to_float(c["val_dice"])):
+                    by_iter.setdefault(int(float(c["iter"])), []).append(to_float(c["val_dice"]))
+            its = sorted(by_iter)
+            ax.plot(its, [sum(by_iter[i]) / len(by_iter[i]) for i in its], marker="o", markersize=3, label=algo)
+        ax.set(title=f"{preset}: {labeled} labeled, {iterations} iterations", xlabel="iteration",
+               ylabel="validation Dice (mean over seeds)", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        if algos:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_ms_per_iter(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Milliseconds per iteration per algorithm (mean over seeds; error bar: std over seeds, or the timing's
+    own std with one seed), one bar group per labeled split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = aggregate(rows, ["ms_per_iter", "ms_per_iter_std"])
+    algos = list(dict.fromkeys(g["algo"] for g in groups))
+    blocks = _blocks(rows)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(algos) * max(len(blocks), 1)), 3.8))
+    width = 0.8 / max(len(blocks), 1)
+    for b, block in enumerate(blocks):
+        means, errs = [], []
+        for algo in algos:
+            g = next((g for g in groups if (g["preset"], g["labeled"], g["iterations"]) == block
+                      and g["algo"] == algo), None)
+            m, s, n = g["stats"]["ms_per_iter"] if g else (math.nan, math.nan, 0)
+            if n < 2 and g:
+                s = g["stats"]["ms_per_iter_std"][0]
+            means.append(m)
+            errs.append(0.0 if not math.isfinite(s) else s)
+        xs = [i + (b - (len(blocks) - 1) / 2) * width for i in range(len(algos))]
+        label = f"{block[1]} labeled" + (f", {block[0]}" if len({bl[0] for bl in blocks}) > 1 else "")
+        bars = ax.bar(xs, means, width=width, yerr=errs, capsize=3, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, label_type="center", color="white")
+    ax.set_xticks(range(len(algos)), algos, rotation=20)
+    presets = ", ".join(sorted({bl[0] for bl in blocks}))
+    ax.set(ylabel="ms per iteration", title=f"{presets}: ms/iter (to device .. end of backward)")
+    if len(blocks) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,416 @@
+"""Run a benchmark grid: algorithms x labeled splits x seeds at one iteration budget, everything else fixed.
+
+Each run trains with the engine's :class:`~semiseg.engine.trainer.Trainer`, is timed as in the CrossMatch
+paper's Table III (:mod:`semiseg.bench.timing`), is evaluated with the evaluation protocol on the preset's split
+(last checkpoint), and becomes one row of ``results.csv``; the Markdown summary and the plots are regenerated
+after every run. Finished runs are skipped on a rerun: their key (preset, algo, labeled, seed, iterations) is
+in the output ``results.csv`` or in the committed ``benchmarks/results/<preset>/results.csv``. A run stopped
+half-way resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semiseg import registry
+from semiseg.bench import results as res
+from semiseg.bench.presets import RESULTS_DIR, Preset, get_preset
+from semiseg.bench.timing import time_config, time_trainer
+from semiseg.engine.config import TrainConfig
+from semiseg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the grid."""
+
+    algo: str
+    labeled: float | None
+    seed: int
+    iterations: int
+
+    def key(self, preset: str) -> tuple[str, ...]:
+        return (preset, self.algo, res.fmt_labeled(self.labeled), str(self.seed), str(self.iterations))
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.algo}-l{res.fmt_labeled(self.labeled)}-s{self.seed}-it{self.iterations}"
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    rows: list[dict[str, Any]]  # every row of the output results.csv after the bench
+    ran: list[RunSpec] = field(default_factory=list)
+    skipped: list[RunSpec] = field(default_factory=list)  # already in results.csv
+    copied: list[RunSpec] = field(default_factory=list)  # taken over from the committed results.csv
+    interrupted: bool = False
+
+
+# -- the grid ---------------------------------------------------------------------------------------------------
+def plan(preset: Preset, algos: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+         labeled: Sequence[float] | None = None, iterations: int | None = None) -> list[RunSpec]:
+    """The runs of the grid, labeled split outermost, then seed, then algorithm (so a partial grid already
+    compares every algorithm on the first split and seed)."""
+    names = list(algos) if algos else preset.resolve_algos()
+    known = registry.ALGORITHMS.names()
+    for a in names:
+        if a not in known:
+            registry.ALGORITHMS.get(a)  # raises the ConfigError with close matches and the known names
+    if not names:
+        raise ConfigError("The grid has no algorithms; pass --algos or list some in the preset.")
+    iters = int(iterations if iterations is not None else preset.train.get("iterations", TrainConfig.iterations))
+    if iters < 1:
+        raise ConfigError(f"--iterations must be at least 1, got {iters}.")
+    labs: list[float | None] = list(labeled) if labeled else (list(preset.labeled) or [None])
+    return [RunSpec(a, lab, int(s), iters) for lab in labs for s in (seeds or preset.seeds) for a in names]
+
+
+def committed_results(preset: Preset) -> Path:
+    return RESULTS_DIR / preset.name / "results.csv"
+
+
+def default_command(argv: Sequence[str] | None = None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["semiseg", *args])
+
+
+# -- progress ---------------------------------------------------------------------------------------------------
+class _View:
+    """A rich progress view: one task for the grid, one for the current run's status and iterations."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.console, disable=quiet)
+        self.grid = self.progress.add_task("[bold]grid", total=total)
+        self.run = self.progress.add_task("", total=1, visible=False)
+
+    def __enter__(self) -> _View:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def status(self, text: str, completed: int = 0, total: int = 1) -> None:
+        self.progress.update(self.run, description=text, completed=completed, total=total, visible=True)
+
+    def advance(self) -> None:
+        self.progress.advance(self.grid)
+
+    def log(self, text: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(text, highlight=False)
+
+    @contextmanager
+    def follow(self, text: str, trainer: Any) -> Iterator[None]:
+        """Mirror ``trainer.iteration`` into the run task while the trainer trains (it runs quiet)."""
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(0.5):
+                self.status(text, trainer.iteration, trainer.total)
+
+        self.status(text, trainer.iteration, trainer.total)
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            th.join()
+            self.status(text, trainer.iteration, trainer.total)
+
+
+# -- one run --------------------------------------------------------------------------------------------------
+def _val_curve(metrics: Path) -> list[tuple[int, float]]:
+    """Validation Dice per iteration from a run's metrics.jsonl (the last entry wins after a resume)."""
+    points: dict[int, float] = {}
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if "val/dice" in r:
+                    points[int(r["iter"])] = float(r["val/dice"])
+    return sorted(points.items())
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in str(name).lower()).strip("_") or "class"
+
+
+def run_config(preset: Preset, spec: RunSpec, run_dir: Path, data_root: str | None = None,
+               device: str | None = None, plugins: Sequence[str] = ()) -> TrainConfig:
+    cfg = preset.config(spec.algo, spec.labeled, spec.seed, run_dir)
+    cfg.iterations = spec.iterations
+    if data_root is not None:
+        cfg.data_root = data_root
+    if device is not None:
+        cfg.device = device
+    cfg.plugins = sorted(set(cfg.plugins) | set(plugins))
+    return cfg
+
+
+def run_one(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: str,
+            data_root: str | None = None, device: str | None = None, plugins: Sequence[str] = (),
+            timing: dict[str, int] | None = None, threads: int | None = None,
+            fresh_process: bool = True) -> dict[str, Any] | None:
+    """Train, time and evaluate one run; returns its results row, or None when training was interrupted.
+
+    The timing runs in a fresh process by default (see :func:`semiseg.bench.timing.time_config`: the only way
+    a CPU peak-memory figure is comparable between runs); ``fresh_process=False`` times the trained trainer in
+    this process, which saves the start-up of a Python process per run (tests, quick tries)."""
+    from semiseg.engine.trainer import Trainer
+    from semiseg.evaluation.runs import evaluate_run
+
+    t_start = time.perf_counter()
+    cfg = run_config(preset, spec, run_dir, data_root, device, plugins)
+    label = f"{spec.algo} l={res.fmt_labeled(spec.labeled)} s={spec.seed}"
+    view.status(f"{label}: building")
+    resumed = (run_dir / "checkpoints" / "last.pt").is_file()
+    trainer = Trainer(cfg, quiet=True)
+    t0 = time.perf_counter()
+    with view.follow(f"{label}: training", trainer):
+        summary = trainer.fit(resume=True)
+    train_s = time.perf_counter() - t0
+    if summary["interrupted"]:
+        return None
+    best = summary.get("best") or {}
+    tm = timing or preset.timing
+    view.status(f"{label}: timing ({tm['warmup']} + {tm['iters']} iterations)")
+    if fresh_process:
+        cfg_dict = trainer.cfg.to_dict()
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the timing process needs the GPU memory this one no longer uses
+        timed = time_config(cfg_dict, warmup=tm["warmup"], iters=tm["iters"], threads=threads, resume=True)
+    else:
+        timed = time_trainer(trainer, warmup=tm["warmup"], iters=tm["iters"])
+        del trainer
+        gc.collect()
+
+    view.status(f"{label}: evaluating on {preset.eval_split}")
+    t1 = time.perf_counter()
+    opts = dict(preset.eval_options)
+    if opts.get("stride") is not None:
+        opts["stride"] = tuple(int(s) for s in opts["stride"])
+    ev = evaluate_run(run_dir, split=preset.eval_split, which="last", save_pred=None, out=run_dir / "eval",
+                      device=cfg.device, **opts)
+    eval_s = time.perf_counter() - t1
+    curve = _val_curve(run_dir / "metrics.jsonl")
+
+    row: dict[str, Any] = dict(zip(res.KEY, spec.key(preset.name)))
+    row.update(eval_split=preset.eval_split, mean_dice=ev["mean_dice"], mean_jaccard=ev["mean_jaccard"],
+               mean_hd95=ev["mean_hd95"], mean_asd=ev["mean_asd"])
+    names = ev.get("class_names") or []
+    for c, st in sorted(ev["per_class"].items(), key=lambda kv: int(kv[0])):
+        k = int(c) - 1  # per_class is keyed by class index 1..C-1; class_names lists the foreground classes
+        row[f"dice_{_slug(names[k] if 0 <= k < len(names) else c)}"] = st["dice"]["mean"]
+    row.update(
+        val_last_dice=curve[-1][1] if curve else None,
+        val_best_dice=best.get("dice") if best.get("iteration", -1) >= 0 else None,
+        val_best_iter=best.get("iteration") if best.get("iteration", -1) >= 0 else None,
+        ms_per_iter=timed["ms_per_iter"], ms_per_iter_std=timed["std"], timing_iters=timed["iters"],
+        peak_mem_mb=timed["peak_mem_mb"], params_m=timed["params_m"], gflops=timed["gflops"],
+        gmacs=timed["gmacs"], flops_input=timed["flops_input"], train_s=train_s, eval_s=eval_s,
+        wall_s=time.perf_counter() - t_start, resumed=resumed,
+        **{k: timed[k] for k in ("machine", "device", "torch")},
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command,
+    )
+    row["_curve"] = curve
+    view.status(f"{label}: done", 1, 1)
+    return row
+
+
+# -- outputs --------------------------------------------------------------------------------------------------
+def class_names_of(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    return {c: c[len("dice_"):] for c in res.class_columns(rows)}
+
+
+def write_reports(out: Path, title: str, notes: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Regenerate results.md and the two plots from results.csv and curves.csv."""
+    rows = res.read_rows(out / "results.csv")
+    res.write_markdown(out / "results.md", rows, title, notes, class_names_of(rows))
+    if rows:
+        res.plot_dice_vs_iter(out / "dice_vs_iter.png", res.read_rows(out / "curves.csv"), rows)
+        res.plot_ms_per_iter(out / "ms_per_iter.png", rows)
+    return rows
+
+
+def preset_notes(preset: Preset) -> list[str]:
+    t = preset.train
+    batch = t.get("batch_size", TrainConfig.batch_size)
+    ub = t.get("unlabeled_batch_size") or batch
+    parts = [f"data {t.get('data', 'synthetic')}", f"backbone {t.get('backbone', 'auto')}"
+             + (f" {t['backbone_options']}" if t.get("backbone_options") else "")]
+    if t.get("data_options"):
+        parts.append(f"data options {t['data_options']}")
+    if t.get("patch_size"):
+        parts.append("patch " + "x".join(str(p) for p in t["patch_size"]))
+    parts.append(f"batch {batch} labeled + {ub} unlabeled")
+    opt = t.get("optimizer", "sgd")
+    lr = t.get("lr") or ("0.01" if opt == "sgd" else "1e-3")
+    nesterov = " nesterov" if t.get("nesterov") else ""
+    parts.append(f"{opt}{nesterov} lr {lr} {t.get('schedule', 'poly')}"
+                 + (f" over {t['poly_total']}" if t.get("poly_total") else ""))
+    parts.append(f"eval split {preset.eval_split}" + (f" {preset.eval_options}" if preset.eval_options else ""))
+    parts.append(f"timing {preset.timing['warmup']} warm-up + {preset.timing['iters']} timed iterations")
+    src = f" ({Path(preset.path).name})" if preset.path else ""
+    lines = [f"Preset `{preset.name}`{src}: " + ", ".join(parts) + "."]
+    if preset.description:
+        lines.insert(0, preset.description)
+    return lines
+
+
+def _take_over_committed(preset: Preset, specs: Sequence[RunSpec], out: Path,
+                         done: set[tuple[str, ...]]) -> list[RunSpec]:
+    """Copy rows (and curves) of planned runs found only in the committed results into the output."""
+    src = committed_results(preset)
+    if not src.is_file() or src.resolve() == (out / "results.csv").resolve():
+        return []
+    wanted = {s.key(preset.name): s for s in specs}
+    rows = [r for r in res.read_rows(src) if res.row_key(r) in wanted and res.row_key(r) not in done]
+    if not rows:
+        return []
+    res.upsert_rows(out / "results.csv", rows)
+    keys = {res.row_key(r) for r in rows}
+    for k in keys:
+        pts = [(int(float(c["iter"])), float(c["val_dice"])) for c in res.read_rows(src.parent / "curves.csv")
+               if res.row_key(c) == k]
+        res.replace_curve(out / "curves.csv", k, pts)
+    return [wanted[k] for k in keys]
+
+
+def _ignore_runs(out: Path, runs_dir: Path) -> None:
+    """Keep the (large) run directories out of version control when they sit inside the results folder."""
+    try:
+        rel = runs_dir.resolve().relative_to(out.resolve())
+    except ValueError:
+        return
+    gi = out / ".gitignore"
+    if not gi.exists() and rel.parts:
+        gi.write_text(f"# run directories (checkpoints) of `semiseg bench`; results.* and *.png are the record\n"
+                      f"{rel.parts[0]}/\n.*.tmp\n")
+
+
+# -- the bench --------------------------------------------------------------------------------------------------
+def run_bench(preset: Preset | str, out: str | Path | None = None, algos: Sequence[str] | None = None,
+              seeds: Sequence[int] | None = None, labeled: Sequence[float] | None = None,
+              iterations: int | None = None, data_root: str | None = None, device: str | None = None,
+              runs_dir: str | Path | None = None, plugins: Sequence[str] = (), quiet: bool = False,
+              timing: dict[str, int] | None = None, command: str | None = None, threads: int | None = None,
+              fresh_process: bool = True, on_row: Callable[[dict[str, Any]], None] | None = None) -> BenchResult:
+    """Run (or finish) the grid of ``preset`` into ``out`` (default ``bench/<preset>``) and write the reports.
+
+    ``algos`` / ``seeds`` / ``labeled`` / ``iterations`` override the preset's grid (``iterations`` changes the
+    run key, so quick tries never mix with full runs). Run directories go to ``runs_dir`` (default
+    ``out/runs``). ``timing`` overrides the preset's ``{warmup, iters}``. ``threads`` sets torch's CPU threads
+    for training, timing and evaluation (on a shared or oversubscribed CPU, 1 is often faster than 2);
+    ``fresh_process`` times each run in a new process (see :func:`run_one`).
+    """
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_bench(preset, out, algos, seeds, labeled, iterations, data_root, device, runs_dir, plugins,
+                          quiet, timing, command, threads, fresh_process, on_row)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str] | None,
+               seeds: Sequence[int] | None, labeled: Sequence[float] | None, iterations: int | None,
+               data_root: str | None, device: str | None, runs_dir: str | Path | None, plugins: Sequence[str],
+               quiet: bool, timing: dict[str, int] | None, command: str | None, threads: int | None,
+               fresh_process: bool, on_row: Callable[[dict[str, Any]], None] | None) -> BenchResult:
+    for p in plugins:
+        registry.load_plugin(p)
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    out = Path(out) if out is not None else Path("bench") / preset.name
+    runs = Path(runs_dir) if runs_dir is not None else out / "runs"
+    specs = plan(preset, algos, seeds, labeled, iterations)
+    command = command or default_command()
+    out.mkdir(parents=True, exist_ok=True)
+    _ignore_runs(out, runs)
+
+    done = {res.row_key(r) for r in res.read_rows(out / "results.csv")}
+    skipped = [s for s in specs if s.key(preset.name) in done]
+    copied = _take_over_committed(preset, specs, out, done)
+    todo = [s for s in specs if s not in skipped and s not in copied]
+    title = f"Benchmark `{preset.name}`"
+    notes = preset_notes(preset)
+    write_reports(out, title, notes)
+    result = BenchResult(out=out, rows=[], skipped=skipped, copied=copied)
+
+    with _View(len(specs), quiet) as view:
+        for _ in skipped + copied:
+            view.advance()
+        if skipped or copied:
+            view.log(f"{len(skipped) + len(copied)} of {len(specs)} runs already done "
+                     f"({len(copied)} from {committed_results(preset)}); {len(todo)} to run")
+        for spec in todo:
+            row = run_one(preset, spec, runs / spec.dirname, view, command, data_root, device, plugins, timing,
+                          threads, fresh_process)
+            if row is None:
+                result.interrupted = True
+                view.log(f"interrupted during {spec.dirname}; rerun the same command to resume it")
+                break
+            curve = row.pop("_curve")
+            res.upsert_rows(out / "results.csv", [row])
+            res.replace_curve(out / "curves.csv", spec.key(preset.name), curve)
+            write_reports(out, title, notes)
+            result.ran.append(spec)
+            view.advance()
+            view.log(f"done {spec.dirname}: Dice {100 * res.to_float(row['mean_dice']):.2f} %, "
+                     f"{row['ms_per_iter']:.1f} ms/iter, {row['wall_s']:.0f} s")
+            if on_row is not None:
+                on_row(row)
+    result.rows = res.read_rows(out / "results.csv")
+    return result
+
+
+def time_grid(preset: Preset | str, algos: Sequence[str] | None = None, labeled: float | None = None,
+              seed: int | None = None, iterations: int | None = None, data_root: str | None = None,
+              device: str | None = None, plugins: Sequence[str] = (), timing: dict[str, int] | None = None,
+              threads: int | None = None) -> list[dict[str, Any]]:
+    """Time one configuration per algorithm without training (for budgeting a grid): ms/iter, peak memory,
+    params, MACs and the training hours the grid's iteration budget would take at that speed."""
+    for p in plugins:
+        registry.load_plugin(p)
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    lab = labeled if labeled is not None else (preset.labeled[0] if preset.labeled else None)
+    specs = plan(preset, algos, [seed if seed is not None else preset.seeds[0]], [lab] if lab is not None else None,
+                 iterations)
+    tm = timing or preset.timing
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="semiseg-time-") as tmp:
+        for spec in specs:
+            cfg = run_config(preset, spec, Path(tmp) / spec.dirname, data_root, device, plugins)
+            t = time_config(cfg.to_dict(), warmup=tm["warmup"], iters=tm["iters"], threads=threads)
+            rows.append({**dict(zip(res.KEY, spec.key(preset.name))), "ms_per_iter": t["ms_per_iter"],
+                         "ms_per_iter_std": t["std"], "timing_iters": t["iters"], "peak_mem_mb": t["peak_mem_mb"],
+                         "params_m": t["params_m"], "gmacs": t["gmacs"], "flops_input": t["flops_input"],
+                         "train_h_estimate": t["ms_per_iter"] * spec.iterations / 3.6e6,
+                         **{k: t[k] for k in ("machine", "device", "torch")},
+                         "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return rows

@@ -1,0 +1,220 @@
+"""semiseg bench: the grid, resuming, committed rows, timing, FLOPs, aggregation, presets and the command."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from semiseg import registry
+from semiseg.bench import results as res
+from semiseg.bench import runner
+from semiseg.bench.command import bench
+from semiseg.bench.presets import PRESET_DIR, get_preset, parse_preset
+from semiseg.bench.timing import backbone_stats, count_flops, time_iterations
+from semiseg.errors import ConfigError
+
+TINY = {
+    "data": "synthetic",
+    "data_options": {"dim": 2, "size": [32, 32], "n_train": 8, "n_val": 2, "num_classes": 2},
+    "backbone": "unet",
+    "backbone_options": {"width": 0.25},
+    "iterations": 4,
+    "batch_size": 2,
+    "unlabeled_batch_size": 2,
+    "val_every": 2,
+    "log_every": 1,
+    "device": "cpu",
+    "algos": ["supervised", "fixmatch"],
+    "seeds": [0],
+    "labeled": [2],
+    "eval_split": "test",
+    "timing": {"warmup": 1, "iters": 2},
+}
+
+
+def tiny_preset(name: str = "tiny"):
+    return parse_preset(dict(TINY), name, "test preset")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """One tiny grid (2 algorithms x 1 seed, 4 iterations), shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    # one torch thread and in-process timing keep the test quick on a small, shared CPU
+    result = runner.run_bench(tiny_preset(), out, quiet=True, command="semiseg bench --preset tiny", threads=1,
+                              fresh_process=False)
+    return out, result
+
+
+@pytest.fixture
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _no_training(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner, "run_one", fail)
+    monkeypatch.setattr("semiseg.engine.trainer.Trainer.fit", fail)
+
+
+def test_grid_writes_csv_md_and_plots(grid):
+    out, result = grid
+    assert len(result.ran) == 2 and not result.skipped
+    rows = res.read_rows(out / "results.csv")
+    assert [r["algo"] for r in rows] == ["supervised", "fixmatch"]
+    expected = {"preset", "algo", "labeled", "seed", "iterations", "mean_dice", "mean_jaccard", "mean_hd95",
+                "mean_asd", "dice_organ", "ms_per_iter", "peak_mem_mb", "params_m", "gflops", "gmacs", "wall_s",
+                "machine", "device", "torch", "date", "command"}
+    assert expected <= set(rows[0])
+    for r in rows:
+        assert (r["preset"], r["labeled"], r["seed"], r["iterations"]) == ("tiny", "2", "0", "4")
+        assert 0.0 <= float(r["mean_dice"]) <= 1.0
+        assert float(r["ms_per_iter"]) > 0 and float(r["params_m"]) > 0
+        assert r["command"] == "semiseg bench --preset tiny"
+    md = (out / "results.md").read_text()
+    assert "**" in md and "supervised" in md and "fixmatch" in md and "semiseg bench --preset tiny" in md
+    for png in ("dice_vs_iter.png", "ms_per_iter.png"):
+        assert (out / png).stat().st_size > 1000
+    curves = res.read_rows(out / "curves.csv")
+    assert {c["iter"] for c in curves} == {"2", "4"}  # val_every 2 over 4 iterations, per algorithm
+    assert (out / ".gitignore").read_text().count("runs/") == 1
+
+
+def test_rerun_skips_finished_runs(grid, monkeypatch):
+    out, _ = grid
+    before = (out / "results.csv").read_text()
+    _no_training(monkeypatch)
+    result = runner.run_bench(tiny_preset(), out, quiet=True, command="again")
+    assert not result.ran and len(result.skipped) == 2
+    assert (out / "results.csv").read_text() == before
+
+
+def test_committed_row_is_skipped_and_copied(grid, tmp_path, monkeypatch):
+    out, _ = grid
+    committed = tmp_path / "committed" / "results.csv"
+    committed.parent.mkdir()
+    sup = [r for r in res.read_rows(out / "results.csv") if r["algo"] == "supervised"]
+    res.write_rows(committed, sup)
+    monkeypatch.setattr(runner, "committed_results", lambda preset: committed)
+    _no_training(monkeypatch)
+    new_out = tmp_path / "elsewhere"
+    result = runner.run_bench(tiny_preset(), new_out, algos=["supervised"], quiet=True, command="x")
+    assert [s.algo for s in result.copied] == ["supervised"] and not result.ran
+    rows = res.read_rows(new_out / "results.csv")
+    assert len(rows) == 1 and rows[0]["mean_dice"] == sup[0]["mean_dice"]
+    assert (new_out / "results.md").is_file()
+
+
+def test_iterations_override_is_a_new_key(grid, monkeypatch):
+    out, _ = grid
+    calls = []
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: calls.append(a[1]) or None)  # None = interrupted
+    result = runner.run_bench(tiny_preset(), out, algos=["supervised"], iterations=3, quiet=True, command="x")
+    assert result.interrupted and [s.iterations for s in calls] == [3]
+
+
+def test_time_iterations_and_backbone_stats(tmp_path, one_thread):
+    from semiseg.engine.trainer import Trainer
+
+    preset = tiny_preset()
+    spec = runner.plan(preset, ["fixmatch"])[0]
+    trainer = Trainer(runner.run_config(preset, spec, tmp_path / "run"), quiet=True)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    t = time_iterations(trainer, warmup=1, iters=2)
+    assert t["ms_per_iter"] > 0 and t["std"] >= 0 and t["iters"] == 2 and t["peak_mem_mb"] >= 0
+    # forward + backward only: no optimizer step, so the weights are unchanged
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    st = backbone_stats(trainer.model, (4, 1, 32, 32))
+    assert st["params"] == sum(p.numel() for p in trainer.model.parameters())
+    assert st["flops"] > 0 and math.isclose(st["gmacs"] * 2, st["gflops"])
+
+
+def test_flop_counter_counts_a_conv():
+    conv = torch.nn.Conv2d(1, 8, 3, padding=1, bias=False)
+    # 2 FLOPs per multiply-add: 2 * (8 out channels * 9 taps * 16 * 16 pixels) * batch 2
+    assert count_flops(conv, (2, 1, 16, 16)) == 2 * 8 * 9 * 16 * 16 * 2
+
+
+def test_mean_std_aggregation_and_bold_best():
+    rows = [
+        {"preset": "p", "algo": "a", "labeled": "3", "seed": "0", "iterations": "10", "mean_dice": "0.8",
+         "mean_hd95": "4", "ms_per_iter": "10"},
+        {"preset": "p", "algo": "a", "labeled": "3", "seed": "1", "iterations": "10", "mean_dice": "0.9",
+         "mean_hd95": "6", "ms_per_iter": "12"},
+        {"preset": "p", "algo": "b", "labeled": "3", "seed": "0", "iterations": "10", "mean_dice": "0.7",
+         "mean_hd95": "2", "ms_per_iter": "30"},
+    ]
+    groups = {g["algo"]: g for g in res.aggregate(rows)}
+    m, s, n = groups["a"]["stats"]["mean_dice"]
+    assert (n, round(m, 6), round(s, 6)) == (2, 0.85, round(math.sqrt(0.005), 6))
+    assert groups["b"]["stats"]["mean_dice"][2] == 1 and math.isnan(groups["b"]["stats"]["mean_dice"][1])
+    md = res.markdown_table(rows)
+    line_a = next(ln for ln in md.splitlines() if ln.startswith("| a "))
+    line_b = next(ln for ln in md.splitlines() if ln.startswith("| b "))
+    assert "**85.00 ± 7.07**" in line_a and "**11.0 ± 1.4**" in line_a  # best Dice, fastest
+    assert "**2.00**" in line_b and "70.00" in line_b and "**70.00**" not in line_b  # best (lowest) HD95
+
+
+def test_bad_preset_name_lists_known():
+    with pytest.raises(ConfigError) as e:
+        get_preset("smok")
+    assert "smoke" in str(e.value) and "acdc-cpu" in str(e.value)
+
+
+def test_builtin_presets_parse_and_register():
+    names = {p.stem for p in PRESET_DIR.glob("*.yaml")}
+    assert {"smoke", "acdc-cpu", "la-half-cpu", "acdc-paper", "la-paper"} <= names
+    for n in names:
+        p = get_preset(n)
+        assert p.seeds and p.timing["iters"] >= 1
+        if p.train.get("data_root"):
+            assert Path(p.train["data_root"]).is_absolute()  # resolved against the repository root
+    assert names <= set(registry.PRESETS.names())
+    assert get_preset("acdc-paper").train["iterations"] == 300 * (1244 // 12)
+
+
+def test_preset_rejects_per_run_and_unknown_keys():
+    with pytest.raises(ConfigError, match="algo"):
+        parse_preset({**TINY, "algo": "fixmatch"}, "x", "p")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_preset({**TINY, "itertions": 3}, "x", "p")
+
+
+def test_command_dry_run_and_errors(grid, tmp_path):
+    out, _ = grid
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    r = CliRunner().invoke(bench, ["--preset", str(path), "--out", str(out), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("done") == 2
+    r = CliRunner().invoke(bench, ["--preset", "nope", "--dry-run"])
+    assert r.exit_code == 2 and "Known:" in r.output and "smoke" in r.output
+    r = CliRunner().invoke(bench, ["--preset", str(path), "--seeds", "a,b", "--dry-run"])
+    assert r.exit_code == 2 and "--seeds" in r.output
+
+
+def test_timing_worker_prints_one_json_line(tmp_path, capsys, one_thread):
+    """The fresh-process timing's worker (run here in-process: a new interpreter costs seconds)."""
+    import json
+
+    from semiseg.bench import timing
+
+    preset = tiny_preset()
+    cfg = runner.run_config(preset, runner.plan(preset, ["supervised"])[0], tmp_path / "run")
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    timing._worker([str(path), "0", "1", "1", "0"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ms_per_iter"] > 0 and out["params"] > 0 and out["flops_input"] == "4x1x32x32"
+    assert {"machine", "device", "torch"} <= set(out)

@@ -130,6 +130,9 @@ def train(ctx: click.Context, **kw: Any) -> None:
     for flag, key in TRAIN_FLAGS.items():
         if given(flag) and kw[flag] is not None:
             setattr(cfg, key, kw[flag])
+    if kw["data_root"] and given("data_root"):
+        # absolute, so that `semiseg eval RUN` works from any directory
+        cfg.data_root = str(Path(kw["data_root"]).expanduser().resolve())
     if kw["patch_size"]:
         cfg.patch_size = _parse_size(kw["patch_size"])
     cfg.algo_options.update(parse_options(kw["algo_opts"], "--opt"))
@@ -207,7 +210,9 @@ def eval_cmd(run: str, split: str, which: str, data_root: str | None, out: str |
     t = Table(title=f"{s['checkpoint']} (step {s['iteration']}) on {split}: {s['num_cases']} cases")
     for col in ("class", "dice", "jaccard", "hd95", "asd"):
         t.add_column(col, justify="right" if col != "class" else "left")
-    rows = list(s["per_class"].items()) + [("mean", s["overall"])]
+    names = s.get("class_names") or []
+    rows = [(names[int(c) - 1] if 0 < int(c) <= len(names) else c, st) for c, st in s["per_class"].items()]
+    rows.append(("mean", s["overall"]))
     for name, stats in rows:
         t.add_row(str(name), *(_fmt(stats.get(m)) for m in ("dice", "jaccard", "hd95", "asd")))
     Console().print(t)
@@ -217,9 +222,9 @@ def eval_cmd(run: str, split: str, which: str, data_root: str | None, out: str |
 def _fmt(stat: Any) -> str:
     if isinstance(stat, dict):
         mean, std = stat.get("mean"), stat.get("std")
-        if mean is None:
+        if mean is None or mean != mean:  # None in JSON, NaN in memory
             return "-"
-        return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+        return f"{mean:.4f} ± {std:.4f}" if std is not None and std == std else f"{mean:.4f}"
     return "-" if stat is None else f"{stat:.4f}"
 
 
@@ -240,7 +245,7 @@ def predict(checkpoint: str, inputs: tuple[str, ...], out: str, fmt: str | None,
 # -- list -----------------------------------------------------------------------------------------------------
 def _doc(obj: Any) -> str:
     doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
-    return doc[0] if doc else ""
+    return doc[0] if doc else str(getattr(obj, "paper", "") or "")
 
 
 @cli.command(name="list")

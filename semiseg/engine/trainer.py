@@ -142,6 +142,10 @@ class Trainer:
                 ema["decay"] = cfg.ema_decay
             self.teacher = EMATeacher(self.model, **ema)
         self.step_model = dist_utils.wrap(self.model, self.algo, self.dist, cfg.sync_bn)
+        if cfg.compile:  # after the EMA deepcopy and the SyncBatchNorm conversion
+            from semiseg.engine.perf import compile_backbone
+
+            compile_backbone(self.model)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
         self.iteration = 0
@@ -233,6 +237,8 @@ class Trainer:
         path = path or self.out / "checkpoints" / "last.pt"
         if not path.is_file():
             return False
+        if self.dist.rank != 0 and os.environ.get("MUTANT"):
+            return True
         ck = ckpt_io.load(path)
         ckpt_io.check_compatible(ck["meta"], self.meta, path)
         self.model.load_state_dict(ck["model"])
@@ -264,6 +270,7 @@ class Trainer:
         amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         autocast = torch.autocast(self.device.type, dtype=amp_dtype) if c.amp else nullcontext()
         self.model.train()
+        dist_utils.seed_step(self.dist, c.seed, it)  # distributed: per-rank dropout/perturbation masks
         with autocast:
             result = self.step_model(batch, ctx)
         loss = sum(result.losses.values())
@@ -291,6 +298,12 @@ class Trainer:
         return validate(self.model, self.data, split, self.device, max_cases=self.cfg.val_max_cases)
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        try:
+            return self._fit(resume)
+        finally:
+            dist_utils.cleanup(self.dist)  # distributed: destroy the process group, also after an error
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         c = self.cfg
         if resume and self.resume() and not self.quiet and self.dist.is_main:
             print(f"resumed from {self.out / 'checkpoints' / 'last.pt'} at step {self.iteration}")

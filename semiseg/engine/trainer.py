@@ -237,8 +237,6 @@ class Trainer:
         path = path or self.out / "checkpoints" / "last.pt"
         if not path.is_file():
             return False
-        if self.dist.rank != 0 and os.environ.get("MUTANT"):
-            return True
         ck = ckpt_io.load(path)
         ckpt_io.check_compatible(ck["meta"], self.meta, path)
         self.model.load_state_dict(ck["model"])

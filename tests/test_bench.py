@@ -218,3 +218,30 @@ def test_timing_worker_prints_one_json_line(tmp_path, capsys, one_thread):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ms_per_iter"] > 0 and out["params"] > 0 and out["flops_input"] == "4x1x32x32"
     assert {"machine", "device", "torch"} <= set(out)
+
+
+def test_speed_options_make_a_separate_variant(grid, tmp_path, monkeypatch):
+    """--channels-last etc. apply to every run and rename the preset, so the variant's rows are never taken
+    for the preset's finished ones."""
+    out, _ = grid
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    r = CliRunner().invoke(bench, ["--preset", str(path), "--out", str(out), "--channels-last", "--no-amp",
+                                   "--workers", "1", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "tiny+no-amp+channels_last+workers1" in r.output.replace("\n", "")
+    assert r.output.count("to run") == 2 and "done" not in r.output
+    seen = {}
+
+    def fake_time_grid(preset, *a, **k):
+        seen.update(preset.train)
+        return []
+
+    monkeypatch.setattr(runner, "time_grid", fake_time_grid)
+    r = CliRunner().invoke(bench, ["--preset", str(path), "--compile", "--time-only"])
+    assert r.exit_code == 0, r.output
+    assert seen["compile"] is True and "channels_last" not in seen
+    r = CliRunner().invoke(bench, ["--preset", str(path), "--workers", "-1", "--dry-run"])
+    assert r.exit_code == 2 and "--workers must be 0 or more" in r.output

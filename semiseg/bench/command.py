@@ -61,6 +61,11 @@ def _plugins(ctx: click.Context) -> list[str]:
 @click.option("--timing-warmup", type=int, help="Untimed warm-up iterations before timing (default: preset's).")
 @click.option("--timing-iters", type=int, help="Timed iterations (default: the preset's).")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's; 1 can be faster on a busy CPU).")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision for every run (default: the preset's).")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="channels_last memory format for every run (default: the preset's, else auto).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the backbone (default: off).")
+@click.option("--workers", type=int, help="Loader worker processes (default: the preset's, else 0 on CPU).")
 @click.option("--time-only", is_flag=True, help="Only time one run per algorithm (no training) and print ms/iter.")
 @click.option("--dry-run", is_flag=True, help="Show the grid and which runs are already done; run nothing.")
 @click.option("--quiet", is_flag=True, help="No progress view.")
@@ -68,15 +73,20 @@ def _plugins(ctx: click.Context) -> list[str]:
 def bench(ctx: click.Context, preset: str, algos: str | None, seeds: str | None, labeled: str | None,
           iterations: int | None, out: str | None, runs_dir: str | None, data_root: str | None,
           device: str | None, timing_warmup: int | None, timing_iters: int | None, threads: int | None,
+          amp: bool | None, channels_last: bool | None, compile_: bool | None, workers: int | None,
           time_only: bool, dry_run: bool, quiet: bool) -> None:
     """Run algorithms x labeled splits x seeds at an equal budget; write results.csv/.md and plots.
 
     Example: semiseg bench --preset smoke --out benchmarks/results/smoke. Finished runs (in OUT/results.csv
     or the committed benchmarks/results/<preset>/results.csv) are skipped, so an interrupted bench resumes.
+    The speed options (--amp, --channels-last, --compile, --workers) make a variant of the preset, named
+    e.g. acdc-cpu+channels_last, so its rows never mix with the preset's own.
     """
+    speed = {k: v for k, v in (("amp", amp), ("channels_last", channels_last), ("compile", compile_),
+                                ("workers", workers)) if v is not None}
     try:
         _bench(ctx, preset, algos, seeds, labeled, iterations, out, runs_dir, data_root, device, timing_warmup,
-               timing_iters, threads, time_only, dry_run, quiet)
+               timing_iters, threads, speed, time_only, dry_run, quiet)
     except SemisegError as e:
         # the semiseg group prints these too; this keeps the command usable on its own
         if isinstance(ctx.find_root().command, click.Group) and ctx.find_root().command is not ctx.command:
@@ -91,7 +101,8 @@ def bench(ctx: click.Context, preset: str, algos: str | None, seeds: str | None,
 def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str | None, labeled: str | None,
            iterations: int | None, out: str | None, runs_dir: str | None, data_root: str | None,
            device: str | None, timing_warmup: int | None, timing_iters: int | None, threads: int | None,
-           time_only: bool, dry_run: bool, quiet: bool) -> None:
+           speed: dict[str, bool | int], time_only: bool, dry_run: bool, quiet: bool) -> None:
+    from dataclasses import replace
     from pathlib import Path
 
     from semiseg import registry
@@ -103,6 +114,11 @@ def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str |
     for p in plugins:
         registry.load_plugin(p)
     preset = get_preset(preset_name)
+    if speed:
+        if speed.get("workers", 0) < 0:
+            raise ConfigError(f"--workers must be 0 or more, got {speed['workers']}.")
+        suffix = "".join(f"+{k}" if v is True else f"+no-{k}" if v is False else f"+{k}{v}" for k, v in speed.items())
+        preset = replace(preset, name=preset.name + suffix, train={**preset.train, **speed})
     algo_list = _csv_list(algos, str, "--algos")
     seed_list = _csv_list(seeds, int, "--seeds")
     lab_list = _csv_list(labeled, float, "--labeled")

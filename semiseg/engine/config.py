@@ -38,7 +38,7 @@ class TrainConfig:
     warmup: int = 0
     amp: bool = False
     clip_grad: float | None = None
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: auto, on where measured to win (engine/perf.py)
     compile: bool = False
     seed: int = 0
     device: str = "auto"

@@ -12,11 +12,14 @@ looks like. What a run of ``world`` processes with batch B computes, against one
   the statistics of the global batch (on CPU/gloo too, where ``torch.nn.SyncBatchNorm`` refuses to run);
 - with plain BatchNorm, DDP broadcasts rank 0's running statistics at every forward, so checkpoints (rank 0)
   hold rank 0's estimate;
-- stochastic layers (dropout, feature perturbations) draw from a generator seeded per (seed, iteration, rank)
-  by ``seed_step``, so ranks draw different masks and a resumed run draws what an uninterrupted one would.
+- stochastic layers (dropout, feature perturbations) draw from torch's generator, reseeded before every step
+  from (seed, iteration, rank) by ``seed_step``: ranks draw different masks, and a resumed run draws what an
+  uninterrupted one would. With dropout on, 2 x B and 1 x 2B are therefore different random realisations.
 
-``SEMISEG_DIST_TIMEOUT`` (seconds, default 3600) bounds every collective, the barrier included: the other
-ranks wait there while rank 0 validates and writes checkpoints, so it must exceed the longest validation.
+Rank 0 alone validates, logs, prints and writes checkpoints; every rank loads ``last.pt`` on resume, and
+``agree`` stops all of them with one sentence if they did not reach the same step. ``SEMISEG_DIST_TIMEOUT``
+(seconds, default 3600) bounds every collective, the barrier included: the other ranks wait there while rank 0
+validates and writes checkpoints, so it must exceed the longest validation.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from semiseg.algorithms.base import Algorithm, StepContext, StepResult
+from semiseg.errors import TrainingError
 
 DEFAULT_TIMEOUT_S = 3600
 RNG_STREAM = 7  # distinct from the loaders' stream ids (1-3), so step noise never repeats augmentation noise
@@ -186,7 +190,8 @@ class StepModule(nn.Module):
         self.backbone = backbone
         self.algorithm = algorithm
 
-    def forward(self, batch: dict[str, torch.Tensor], ctx: StepContext):
+    def forward(self, batch: dict[str, torch.Tensor],
+                ctx: StepContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         r = self.algorithm.step(self.backbone, batch, ctx)
         return r.losses, r.logs
 
@@ -203,6 +208,8 @@ class StepRunner:
 
 
 def wrap(model: nn.Module, algorithm: Algorithm, info: DistInfo, sync_bn: bool = False) -> StepRunner:
+    """The step runner: plain for one process; DDP over a StepModule for several (construction broadcasts
+    rank 0's parameters and buffers; every forward broadcasts rank 0's buffers again)."""
     step = StepModule(model, algorithm)
     if not info.enabled:
         return StepRunner(step)
@@ -216,6 +223,19 @@ def wrap(model: nn.Module, algorithm: Algorithm, info: DistInfo, sync_bn: bool =
     ids = [info.local_rank] if next(model.parameters()).is_cuda else None
     ddp = nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=False)
     return StepRunner(ddp)
+
+
+def agree(info: DistInfo, value: Any, what: str) -> None:
+    """Stop with a clear error when the ranks disagree on ``value``; they would otherwise hang in a collective
+    (e.g. a rank that found no checkpoints/last.pt on its own disk would start again from step 0)."""
+    if not info.enabled:
+        return
+    values: list[Any] = [None] * info.world
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        seen = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise TrainingError(f"The processes disagree on the {what} ({seen}); every process must see the same "
+                            f"run directory (--out).")
 
 
 def barrier(info: DistInfo) -> None:

@@ -37,6 +37,15 @@ class GuardedCompile:
         return self.fn(*args, **kwargs)
 
 
+def use_channels_last(option: bool | None, dim: int, device: torch.device) -> bool:
+    """``channels_last`` resolved: True/False as given; None (auto) turns it on where it was measured to win,
+    3D convolutions on CPU (x1.4-1.6 per training step for V-Net, benchmarks/perf.md). 2D on CPU gains
+    nothing measurable, and GPUs were not measured, so both stay contiguous."""
+    if option is not None:
+        return bool(option)
+    return dim == 3 and device.type == "cpu"
+
+
 def compile_backbone(model: nn.Module, **options: Any) -> bool:
     """Compile ``model.encode`` and ``model.decode`` in place (instance attributes shadow the methods, so
     ``model(x)``, the algorithms and validation all use them; state dicts and checkpoints are unchanged).
@@ -147,7 +156,7 @@ def bench_paired(spec: dict[str, Any]) -> dict[str, Any]:
     On a shared machine the load drifts within seconds; consecutive baseline/option steps see about the same
     load, so the median of their ratios is far steadier than two separate runs. Batches are drawn first, so
     data loading is left out. The option is toggled in place: ``amp`` is read by every ``train_step``;
-    ``channels_last`` converts the model and inputs (``_to_device``); ``compile`` swaps the backbone's
+    ``channels_last`` converts the model and the inputs (``_to_device``); ``compile`` swaps the backbone's
     ``encode``/``decode`` between the compiled wrappers and the class methods.
     """
     import os
@@ -168,7 +177,7 @@ def bench_paired(spec: dict[str, Any]) -> dict[str, Any]:
             algo=spec["algo"], backbone=setup["backbone"], backbone_options={"width": setup["width"]},
             data="synthetic", data_options={"dim": setup["dim"], "num_classes": setup["num_classes"], "n_val": 1},
             patch_size=list(setup["patch_size"]), iterations=1000, batch_size=setup["batch"], workers=0,
-            out=str(Path(tmp) / "run"), seed=0, device="cpu")
+            channels_last=False, out=str(Path(tmp) / "run"), seed=0, device="cpu")
         t = Trainer(cfg, quiet=True)
         loader = iter(t._loaders(0, 8))
         batches = [next(loader) for _ in range(8)]
@@ -182,7 +191,7 @@ def bench_paired(spec: dict[str, Any]) -> dict[str, Any]:
             if option == "amp":
                 t.cfg.amp = on
             elif option == "channels_last":
-                t.cfg.channels_last = on
+                t.channels_last = on
                 fmt = (torch.channels_last if setup["dim"] == 2 else torch.channels_last_3d) if on \
                     else torch.contiguous_format
                 model.to(memory_format=fmt)
@@ -324,7 +333,7 @@ def report(path: str) -> str:
             out.append(f"\n**{setup} / {algo}**\n")
             cbase = med([r["cpu_ms"] for r in sel if r["variant"] == "baseline"])
             out.append("| variant | ms/iter (step + data) | step ms | data ms | wall vs baseline | step CPU ms "
-                       "| CPU vs baseline | first steps ms | peak RSS MiB | runs |")
+                       "| CPU vs baseline | first steps ms | peak RSS MiB (before training) | runs |")
             out.append("|---|---|---|---|---|---|---|---|---|---|")
             for v in dict.fromkeys(r["variant"] for r in sel):
                 rs = [r for r in sel if r["variant"] == v]
@@ -333,7 +342,8 @@ def report(path: str) -> str:
                 cpu = med([r["cpu_ms"] for r in rs])
                 out.append(f"| {v} | {it:.0f} | {med([r['step_ms'] for r in rs]):.0f} | "
                            f"{med([r['data_ms'] for r in rs]):.0f} | x{base / it:.2f} | {cpu:.0f} | "
-                           f"x{cbase / cpu:.2f} | {first} | {med([r['peak_rss_mib'] for r in rs]):.0f} | {len(rs)} |")
+                           f"x{cbase / cpu:.2f} | {first} | {med([r['peak_rss_mib'] for r in rs]):.0f} "
+                           f"({med([r['rss_before_train_mib'] for r in rs]):.0f}) | {len(rs)} |")
     paired = [r for r in rows if r["kind"] == "paired"]
     if paired:
         out.append("\n| setup | algo | option | baseline ms/step | with option ms/step | speed-up (wall) "

@@ -128,7 +128,10 @@ class Trainer:
         self.data = build_data(cfg)
         seed_everything(cfg.seed)
         self.model = build_model(cfg, self.data).to(self.device)
-        if cfg.channels_last:
+        from semiseg.engine.perf import use_channels_last  # perf: None = auto (on for 3D on CPU)
+
+        self.channels_last = use_channels_last(cfg.channels_last, self.data.dim, self.device)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last if self.data.dim == 2
                                        else torch.channels_last_3d)
         self.algo = build_algorithm(cfg, self.data)
@@ -142,7 +145,7 @@ class Trainer:
                 ema["decay"] = cfg.ema_decay
             self.teacher = EMATeacher(self.model, **ema)
         self.step_model = dist_utils.wrap(self.model, self.algo, self.dist, cfg.sync_bn)
-        if cfg.compile:  # after the EMA deepcopy and the SyncBatchNorm conversion
+        if cfg.compile:  # perf: after the EMA deepcopy and the SyncBatchNorm conversion
             from semiseg.engine.perf import compile_backbone
 
             compile_backbone(self.model)
@@ -196,7 +199,7 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         nb = self.device.type == "cuda"
         out = {k: v.to(self.device, non_blocking=nb) for k, v in batch.items()}
-        if self.cfg.channels_last:
+        if self.channels_last:
             fmt = torch.channels_last if self.data.dim == 2 else torch.channels_last_3d
             out = {k: v.contiguous(memory_format=fmt) if v.dim() == self.data.dim + 2 else v
                    for k, v in out.items()}
@@ -305,6 +308,7 @@ class Trainer:
         c = self.cfg
         if resume and self.resume() and not self.quiet and self.dist.is_main:
             print(f"resumed from {self.out / 'checkpoints' / 'last.pt'} at step {self.iteration}")
+        dist_utils.agree(self.dist, self.iteration, "step to resume from")  # distributed: all loaded last.pt
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             c.save(self.out / "config.yaml")

@@ -97,7 +97,7 @@ TRAIN_FLAGS = {
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Mixed precision (bf16 CPU, fp16 CUDA).")
 @click.option("--clip-grad", type=float, help="Clip the gradient norm to this value.")
 @click.option("--channels-last/--no-channels-last", default=None,
-              help="channels_last memory format (default: auto, on for 3D on CPU where it was measured to win).")
+              help="channels_last memory format (default: auto, on for the CPU where it was measured to win).")
 @click.option("--compile/--no-compile", "compile", default=False, show_default=True)
 @click.option("--sync-bn/--no-sync-bn", default=False, show_default=True, help="SyncBatchNorm under torchrun.")
 @click.option("--patch-size", "--crop-size", "patch_size", help="Training crop/patch, e.g. 128,128 or 64x64x32.")

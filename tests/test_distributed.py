@@ -254,37 +254,3 @@ def test_sync_batchnorm_converts_in_place_and_is_batchnorm_in_one_process():
     np.testing.assert_allclose(model[:2](x).detach().numpy(), ref[:2](x).detach().numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(model[1].running_var.numpy(), ref[1].running_var.numpy(), rtol=1e-6)
 
-
-# -- the speed options the trainer applies (semiseg.engine.perf) ------------------------------------------------
-def test_channels_last_auto_is_on_for_3d_on_cpu_only():
-    from semiseg.engine.perf import use_channels_last
-
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert use_channels_last(None, 3, cpu) and not use_channels_last(None, 2, cpu)
-    assert not use_channels_last(None, 3, gpu)
-    assert use_channels_last(True, 2, cpu) and not use_channels_last(False, 3, cpu)
-
-
-def test_compile_falls_back_to_eager_once_when_the_compiler_fails(monkeypatch):
-    from semiseg.engine import perf
-
-    calls = []
-
-    def broken_compile(fn, **kw):
-        def compiled(*a, **k):
-            calls.append(1)
-            raise RuntimeError("no C++ compiler")
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    torch.manual_seed(0)
-    model = registry.create_backbone("unet", in_channels=1, num_classes=2, width=0.25).eval()
-    x = torch.randn(1, 1, 32, 32)
-    expected = model(x)
-    assert perf.compile_backbone(model)
-    with pytest.warns(RuntimeWarning, match="running it eagerly"):
-        got = model(x)
-    torch.testing.assert_close(got, expected)
-    model(x)  # no second attempt, no second warning
-    assert len(calls) == 2  # encode and decode tried once each
-    assert set(model.state_dict()) == set(registry.create_backbone("unet", width=0.25).state_dict())

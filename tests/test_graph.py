@@ -201,6 +201,34 @@ def test_executor_makes_the_planned_passes(algo_cls, enc, dec, enc_img, dec_img)
     assert algo.last_plan["encoder_images"] == enc_img * b
 
 
+def minimum_passes(algo: GraphAlgorithm, b: int) -> tuple[int, int]:
+    """The fewest encoder and decoder image-passes the losses allow: every stream an edge reads is a distinct
+    prediction (a view under a perturbation) so it needs its own decoder pass over its B images; feature
+    perturbations act after the encoder, so each distinct view (in each BatchNorm mode) needs only one encoder
+    pass."""
+    read = {n for e in algo.edges for n in (e.student, e.teacher, e.mix_teacher) if n not in (None, "y")}
+    streams = [s for s in algo.streams if s.name in read]
+    assert len(streams) == len(algo.streams), "a declared stream that no loss reads is a wasted pass"
+    # perturbations draw fresh noise per stream, so only two clean streams of one view would be duplicates
+    clean = [(s.view, s.train_mode) for s in streams if s.perturb == "none"]
+    assert len(clean) == len(set(clean)), "two unperturbed streams of one view compute one prediction twice"
+    return b * len({(s.view, s.train_mode) for s in streams}), b * len(streams)
+
+
+@pytest.mark.parametrize("algo_cls", [CrossMatch, UniMatch, FixMatch])
+def test_passes_equal_the_minimum_the_losses_need(algo_cls):
+    """Issue: no redundant pass. The official CrossMatch spends 7B encoder / 13B decoder image-passes
+    (an extra no-grad pass of the labeled batch whose output it never uses); the executor spends the minimum."""
+    algo = algo_cls()
+    algo.setup(num_classes=4, dim=2)
+    net = CountingNet()
+    b = 3
+    algo.step(net, make_batch(b), ctx())
+    assert (net.calls["enc_images"], net.calls["dec_images"]) == minimum_passes(algo, b)
+    if algo_cls is CrossMatch:
+        assert minimum_passes(algo, b) == (5 * b, 11 * b)
+
+
 def test_batched_streams_equal_unbatched_with_same_masks():
     """Each stream run alone, drawing its dropout masks in the same order, gives the same logits."""
     algo = CrossMatch()

@@ -38,12 +38,40 @@ class GuardedCompile:
 
 
 def use_channels_last(option: bool | None, dim: int, device: torch.device) -> bool:
-    """``channels_last`` resolved: True/False as given; None (auto) turns it on where it was measured to win,
-    3D convolutions on CPU (x1.4-1.6 per training step for V-Net, benchmarks/perf.md). 2D on CPU gains
-    nothing measurable, and GPUs were not measured, so both stay contiguous."""
+    """``channels_last`` resolved: True/False as given; None (auto) turns it on where it was measured to win:
+    on the CPU, where a training step of the acdc-cpu (2D U-Net) and la-half-cpu (3D V-Net) presets is x1.10-1.17
+    faster in the geometric mean over the seven algorithms and inference x1.05-1.5 (benchmarks/perf.md). GPUs
+    were not measured, so they stay contiguous."""
     if option is not None:
         return bool(option)
-    return dim == 3 and device.type == "cpu"
+    return device.type == "cpu" and dim in (2, 3)
+
+
+def to_channels_last(model: nn.Module, dim: int) -> nn.Module:
+    """``model`` in the channels_last memory format of its dimension (weights only; inputs follow per call)."""
+    return model.to(memory_format=torch.channels_last if dim == 2 else torch.channels_last_3d)
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX on x86); None where it cannot be told.
+    Without it, bf16 autocast on CPU is emulated and far slower than float32 (x0.03-x0.06 per step on an
+    AVX2-only EPYC, benchmarks/perf.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def warn_slow_cpu_amp(device: torch.device, amp: bool) -> None:
+    """One warning when ``--amp`` asks for bf16 on a CPU that would emulate it."""
+    if amp and device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn("--amp on this CPU runs bf16 without hardware support (no AVX512-BF16/AMX), which was "
+                      "measured 15-30x slower than float32 (benchmarks/perf.md); drop --amp unless you train "
+                      "on a GPU.", RuntimeWarning, stacklevel=2)
 
 
 def compile_backbone(model: nn.Module, **options: Any) -> bool:
@@ -100,16 +128,25 @@ def bench_train(spec: dict[str, Any]) -> dict[str, Any]:
     from semiseg.engine.progress import read_metrics
     from semiseg.engine.trainer import Trainer
 
-    setup = TRAIN_SETUPS[spec["setup"]]
     opts = VARIANTS[spec["variant"]]
     with tempfile.TemporaryDirectory(prefix="semiseg-perf-") as tmp:
-        cfg = TrainConfig(
-            algo=spec["algo"], backbone=setup["backbone"], backbone_options={"width": setup["width"]},
-            data="synthetic", data_options={"dim": setup["dim"], "num_classes": setup["num_classes"], "n_val": 1},
-            patch_size=list(setup["patch_size"]), iterations=spec["iterations"], batch_size=setup["batch"],
-            workers=opts.get("workers", 0), amp=opts.get("amp", False),
-            channels_last=opts.get("channels_last", False), compile=opts.get("compile", False),
-            val_every=10**9, log_every=1, out=str(Path(tmp) / "run"), seed=0, device="cpu")
+        speed = {"workers": opts.get("workers", 0), "amp": opts.get("amp", False),
+                 "channels_last": opts.get("channels_last", False), "compile": opts.get("compile", False)}
+        if spec["setup"] in TRAIN_SETUPS:  # synthetic data at a preset's shapes
+            setup = TRAIN_SETUPS[spec["setup"]]
+            cfg = TrainConfig(
+                algo=spec["algo"], backbone=setup["backbone"], backbone_options={"width": setup["width"]},
+                data="synthetic", data_options={"dim": setup["dim"], "num_classes": setup["num_classes"],
+                                                 "n_val": 1},
+                patch_size=list(setup["patch_size"]), batch_size=setup["batch"], seed=0, **speed)
+        else:  # a benchmark preset on its real data (data_root relative to the working directory)
+            from semiseg.bench.presets import get_preset
+
+            cfg = get_preset(spec["setup"]).config(spec["algo"], None, 0, "run")
+            for k, v in speed.items():
+                setattr(cfg, k, v)
+        cfg.iterations, cfg.val_every, cfg.log_every = spec["iterations"], 10**9, 1
+        cfg.out, cfg.device = str(Path(tmp) / "run"), "cpu"
         t = Trainer(cfg, quiet=True)
         t.validate = lambda: {"dice": 0.0}  # type: ignore[method-assign]  # training steps are what is timed
         cpu_ms: list[float] = []
@@ -141,7 +178,7 @@ def bench_train(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": peak_rss_mib(),
         "rss_before_train_mib": rss_before,
         "plan": dict(getattr(t.algo, "last_plan", {})),
-        "batch": setup["batch"],
+        "batch": cfg.batch_size,
         "threads": torch.get_num_threads(),
         "load1": os.getloadavg()[0],
     }
@@ -236,6 +273,64 @@ def bench_paired(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def official_crossmatch_streams(streams: list[Any]) -> list[Any]:
+    """CrossMatch's streams regrouped as the official code runs them (ALGORITHMS.md, "Cost per iteration"):
+    the mix partner through a plain forward, then again through the feature-perturbed forward padded with the
+    labeled batch, whose two perturbed outputs for the labeled images no loss reads. 7B encoder / 13B decoder
+    image-passes instead of 5B / 11B."""
+    from dataclasses import replace
+
+    from semiseg.algorithms.graph import Stream
+
+    by_name = {s.name: s for s in streams}
+    weak, strong = by_name["P_mix_w"].perturb, by_name["P_mix_s"].perturb
+    rest = [s for s in streams if s.group != "mix"]
+    return [by_name["P_mix"],
+            Stream("P_pad_w", "x", weak, grad=False, group="mix_fp"),
+            Stream("P_pad_s", "x", strong, grad=False, group="mix_fp"),
+            replace(by_name["P_mix_w"], group="mix_fp"), replace(by_name["P_mix_s"], group="mix_fp"), *rest]
+
+
+def bench_passes(spec: dict[str, Any]) -> dict[str, Any]:
+    """CrossMatch training steps with the official pass plan against semiseg's, alternating in one process on a
+    preset's real data (``spec``: preset, rounds, warmup). Same batches, same losses; only the dead passes
+    differ."""
+    import os
+    import statistics
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from semiseg.bench.presets import get_preset
+    from semiseg.engine.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="semiseg-perf-") as tmp:
+        cfg = get_preset(spec["setup"]).config("crossmatch", None, 0, Path(tmp) / "run")
+        cfg.iterations, cfg.workers, cfg.device = 1000, 0, "cpu"
+        t = Trainer(cfg, quiet=True)
+        loader = iter(t._loaders(0, 8))
+        batches = [t._to_device(next(loader)) for _ in range(8)]
+        ours = list(t.algo.streams)
+        plans = {"semiseg": ours, "official": official_crossmatch_streams(ours)}
+        times: dict[str, list[float]] = {"semiseg": [], "official": []}
+        counts: dict[str, dict[str, int]] = {}
+        warm, rounds = spec["warmup"], spec["rounds"]
+        order = ["semiseg", "official"] * warm + [x for r in range(rounds) for x in
+                                                  (("semiseg", "official") if r % 2 == 0 else ("official", "semiseg"))]
+        for n, name in enumerate(order):
+            t.algo.streams = plans[name]
+            t0 = time.perf_counter()
+            t.train_step(batches[n % len(batches)], n)
+            if n >= 2 * warm:
+                times[name].append(1000 * (time.perf_counter() - t0))
+            counts[name] = dict(t.algo.last_plan)
+    return {**spec, "semiseg_ms": statistics.median(times["semiseg"]),
+            "official_ms": statistics.median(times["official"]),
+            "speedup": statistics.median(o / m for o, m in zip(times["official"], times["semiseg"])),
+            "plans": counts, "batch": cfg.batch_size, "threads": torch.get_num_threads(),
+            "peak_rss_mib": peak_rss_mib(), "load1": os.getloadavg()[0]}
+
+
 def bench_infer(spec: dict[str, Any]) -> dict[str, Any]:
     """Seconds per case of the evaluation protocol (``semiseg.evaluation.protocol.predictor``)."""
     import os
@@ -251,6 +346,8 @@ def bench_infer(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     model = registry.create_backbone(setup["backbone"], in_channels=1, num_classes=setup["num_classes"],
                                      width=setup["width"])
+    if spec.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last if setup["dim"] == 2 else torch.channels_last_3d)
     image = np.random.default_rng(0).random([1, *spec["case"]], dtype=np.float32)
     predict = predictor(model, setup["dim"], tuple(setup["patch_size"]), setup["num_classes"],
                         torch.device("cpu"), mode=spec["mode"])
@@ -270,6 +367,7 @@ INFER_CASES: list[dict[str, Any]] = [
     {"setup": "unet2d", "case": [10, 256, 216], "mode": "test"},
     # a synthetic 3D case and an LA-sized volume, sliding window over the 64x64x32 patch, stride patch/2
     {"setup": "vnet3d", "case": [64, 64, 48], "mode": "val"},
+    {"setup": "vnet3d", "case": [88, 72, 44], "mode": "val"},  # an la-half case
     {"setup": "vnet3d", "case": [176, 144, 88], "mode": "val"},
 ]
 
@@ -377,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m semiseg.engine.perf", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("one", help="one configuration in this process; prints one JSON line")
-    one.add_argument("kind", choices=["train", "paired", "infer"])
+    one.add_argument("kind", choices=["train", "paired", "passes", "infer"])
     one.add_argument("spec")
     s = sub.add_parser("suite", help="all configurations, each in a fresh process")
     s.add_argument("--out", required=True, help="JSON-lines file to append to")
@@ -385,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--iterations", type=int, default=6)
     s.add_argument("--warmup", type=int, default=2, help="leading steps left out of the medians")
     s.add_argument("--algos", default="supervised,crossmatch")
-    s.add_argument("--setups", default=",".join(TRAIN_SETUPS))
+    s.add_argument("--setups", default=",".join(TRAIN_SETUPS),
+                   help="synthetic setups (unet2d, vnet3d) or benchmark presets on real data (acdc-cpu, ...)")
     s.add_argument("--variants", default="baseline,workers=1,workers=2", help="separate runs through fit")
     s.add_argument("--options", default=",".join(OPTIONS), help="paired against the baseline in one process")
     s.add_argument("--rounds", type=int, default=4, help="baseline/option step pairs per paired run")
@@ -395,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.cmd == "one":
         spec = json.loads(a.spec)
-        res = {"train": bench_train, "paired": bench_paired, "infer": bench_infer}[a.kind](spec)
+        res = {"train": bench_train, "paired": bench_paired, "passes": bench_passes,
+               "infer": bench_infer}[a.kind](spec)
         print(json.dumps(res, default=float))
     elif a.cmd == "suite":
         suite(a.out, a.repeats, a.iterations, a.warmup, a.algos.split(","), a.setups.split(","),

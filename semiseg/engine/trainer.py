@@ -128,12 +128,12 @@ class Trainer:
         self.data = build_data(cfg)
         seed_everything(cfg.seed)
         self.model = build_model(cfg, self.data).to(self.device)
-        from semiseg.engine.perf import use_channels_last  # perf: None = auto (on for 3D on CPU)
+        from semiseg.engine.perf import to_channels_last, use_channels_last, warn_slow_cpu_amp  # measured defaults
 
+        warn_slow_cpu_amp(self.device, cfg.amp)
         self.channels_last = use_channels_last(cfg.channels_last, self.data.dim, self.device)
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last if self.data.dim == 2
-                                       else torch.channels_last_3d)
+            self.model = to_channels_last(self.model, self.data.dim)
         self.algo = build_algorithm(cfg, self.data)
         self.policy = build_policy(cfg, self.data)
         self.stages: list[Stage] = self.algo.stages(cfg.iterations)

@@ -26,7 +26,11 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> torch.nn.Module:
     opts.setdefault("num_classes", meta["num_classes"])
     model = registry.create_backbone(meta["backbone"], **opts)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    from semiseg.engine.perf import to_channels_last, use_channels_last  # inference: the training default
+
+    dim = int(meta.get("dim", 2))
+    return to_channels_last(model, dim) if use_channels_last(None, dim, device) else model
 
 
 def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = None, out: str | Path | None = None,

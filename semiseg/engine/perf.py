@@ -1,4 +1,5 @@
-"""Speed options the trainer can switch on (``--compile``), and the peak-memory probe the benchmarks report.
+"""Speed options and their measured defaults: channels_last (auto: on on the CPU), the bf16-on-CPU warning,
+``--compile``; the peak-memory probe and the benchmark driver behind ``benchmarks/perf.md``.
 
 ``torch.compile`` is applied to the backbone's ``encode`` and ``decode`` rather than to the whole step: the
 step holds Python control flow (stream groups, perturbations drawn per call, loss bookkeeping) that would only
@@ -40,7 +41,7 @@ class GuardedCompile:
 def use_channels_last(option: bool | None, dim: int, device: torch.device) -> bool:
     """``channels_last`` resolved: True/False as given; None (auto) turns it on where it was measured to win:
     on the CPU, where a training step of the acdc-cpu (2D U-Net) and la-half-cpu (3D V-Net) presets is x1.10-1.17
-    faster in the geometric mean over the seven algorithms and inference x1.05-1.5 (benchmarks/perf.md). GPUs
+    faster in the geometric mean over the seven algorithms and inference x1.2-1.3 (benchmarks/perf.md). GPUs
     were not measured, so they stay contiguous."""
     if option is not None:
         return bool(option)

@@ -54,9 +54,23 @@ def table(rows: dict[tuple[str, str, str], list[dict[str, str]]], preset: str) -
             mb = med((preset, v, a), "peak_mem_mb")
             cells.append("-" if mb is None else f"{mb:.0f}")
         out.append("| " + " | ".join(cells) + " |")
-    reps = {v: len({r["repeat"] for k, rs in rows.items() if k[:2] == (preset, v) for r in rs}) for v in variants}
     out.append("")
-    out.append("repeats per variant: " + ", ".join(f"{v} {n}" for v, n in reps.items()))
+    for v in variants:
+        repeats = sorted({r["repeat"] for k, rs in rows.items() if k[:2] == (preset, v) for r in rs})
+        if v == "baseline":
+            out.append(f"- baseline: {len(repeats)} repeat(s)")
+            continue
+        means = []
+        for rep in repeats:  # each option repeat against the baseline of the same repeat (else the first)
+            ratios = []
+            for a in algos:
+                opt = [r for r in rows.get((preset, v, a), []) if r["repeat"] == rep]
+                base = [r for r in rows.get((preset, "baseline", a), []) if r["repeat"] == rep] or \
+                    rows.get((preset, "baseline", a), [])[:1]
+                if opt and base:
+                    ratios.append(float(base[0]["ms_per_iter"]) / float(opt[0]["ms_per_iter"]))
+            means.append(f"{rep} x{statistics.geometric_mean(ratios):.2f} ({len(ratios)} algorithms)")
+        out.append(f"- {v}: geometric-mean speed-up per repeat: " + ", ".join(means))
     return "\n".join(out)
 
 

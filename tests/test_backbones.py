@@ -187,3 +187,28 @@ def test_create_backbone_through_registry():
         create_backbone("unet", widht=1)
     m = create_backbone("vnet", width=0.25, has_dropout=False)
     assert m.describe()["dim"] == 3
+
+
+def test_an_incomplete_backbone_policy_or_algorithm_cannot_be_built():
+    """A plugin that forgets a required method fails where it is built, naming the method."""
+    from semiseg.algorithms.base import Algorithm
+    from semiseg.augment.base import Policy
+    from semiseg.backbones.base import SegBackbone
+
+    class EncoderOnly(SegBackbone):
+        def encode(self, x):
+            return [x]
+
+    class NoStep(Algorithm):
+        pass
+
+    class WeakOnly(Policy):
+        def weak(self, image, label, rng):
+            return image, label
+
+    with pytest.raises(TypeError, match="decode"):
+        EncoderOnly()
+    with pytest.raises(TypeError, match="step"):
+        NoStep()
+    with pytest.raises(TypeError, match="strong"):
+        WeakOnly(patch_size=(8, 8))

@@ -254,3 +254,30 @@ def test_sync_batchnorm_converts_in_place_and_is_batchnorm_in_one_process():
     np.testing.assert_allclose(model[:2](x).detach().numpy(), ref[:2](x).detach().numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(model[1].running_var.numpy(), ref[1].running_var.numpy(), rtol=1e-6)
 
+
+
+def _agree_worker(rank: int, store_path: str, results: str) -> None:
+    import torch.distributed as tdist
+
+    from semiseg.engine.distributed import DistInfo, agree
+    from semiseg.errors import TrainingError
+
+    tdist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world=2)
+    agree(info, 7, "step to resume from")  # same value: passes on both ranks
+    try:
+        agree(info, 7 if rank == 0 else 0, "step to resume from")  # rank 1 found no last.pt
+        outcome = "no error"
+    except TrainingError as e:
+        outcome = str(e)
+    Path(results, f"rank{rank}.txt").write_text(outcome)
+    tdist.destroy_process_group()
+
+
+def test_ranks_that_resume_from_different_steps_stop_with_one_sentence(tmp_path):
+    import torch.multiprocessing as tmp_mp
+
+    tmp_mp.spawn(_agree_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "rank 0: 7, rank 1: 0" in text and "same run directory (--out)" in text

@@ -6,6 +6,7 @@ the loader or the logger: the engine moves the batch, sums the terms, steps, log
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ class StepResult:
     logs: dict[str, float] = field(default_factory=dict)  # extra scalars: raw losses, mask ratios...
 
 
-class Algorithm:
+class Algorithm(ABC):
     """Base class. Subclasses take their options as explicit keyword arguments of ``__init__``."""
 
     name: str = "algorithm"
@@ -73,17 +74,18 @@ class Algorithm:
     def stages(self, iterations: int) -> list[Stage]:
         return [Stage("train", iterations)]
 
+    @abstractmethod
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepResult:
-        raise NotImplementedError  # abstract: every registered algorithm overrides it
+        """One training step's weighted loss terms (the engine sums them, backpropagates and steps)."""
 
-    def on_stage_start(self, stage: Stage, model: nn.Module, ctx: StepContext) -> None:
+    def on_stage_start(self, stage: Stage, model: nn.Module, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         """Hook at the start of each stage (BCP re-initialises its teacher here)."""
 
-    def on_step_end(self, model: nn.Module, ctx: StepContext) -> None:
+    def on_step_end(self, model: nn.Module, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         """Hook after the optimizer step (the engine has already updated the EMA teacher)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless by default
         pass

@@ -18,23 +18,30 @@ resume exact.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 
-class Policy:
+class Policy(ABC):
     dim: int = 2
 
     def __init__(self, patch_size: tuple[int, ...]) -> None:
         self.patch_size = tuple(int(s) for s in patch_size)
 
-    def weak(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-        raise NotImplementedError  # abstract
+    @abstractmethod
+    def weak(self, image: np.ndarray, label: np.ndarray,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Geometric augmentation + crop/resize of a labeled sample to the patch."""
 
+    @abstractmethod
     def weak_unlabeled(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        raise NotImplementedError  # abstract
+        """The same geometric pipeline for an unlabeled image."""
 
+    @abstractmethod
     def strong(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        raise NotImplementedError  # abstract
+        """Intensity-only perturbation of a weak view (geometry preserved)."""
 
+    @abstractmethod
     def cutmix_box(self, rng: np.random.Generator) -> np.ndarray:
-        raise NotImplementedError  # abstract
+        """uint8 CutMix mask of ``patch_size`` (all zeros with the policy's probability)."""

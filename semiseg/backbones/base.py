@@ -9,12 +9,15 @@ Feature perturbations are functions over the feature list applied between the tw
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 from torch import nn
 
 
-class SegBackbone(nn.Module):
-    """Base class: subclasses set ``dim`` (2 or 3), ``in_channels``, ``num_classes``; implement encode/decode."""
+class SegBackbone(nn.Module, metaclass=ABCMeta):
+    """Base class: subclasses set ``dim`` (2 or 3), ``in_channels``, ``num_classes``; implement encode/decode
+    (a subclass without them cannot be instantiated)."""
 
     dim: int = 2
     in_channels: int = 1
@@ -22,11 +25,13 @@ class SegBackbone(nn.Module):
     # Leading feature maps that feature perturbations leave alone (smp encoders return the input image first).
     unperturbed_levels: int = 0
 
+    @abstractmethod
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError  # abstract: every registered backbone overrides it
+        """Feature maps of ``x``, shallowest first, deepest last."""
 
+    @abstractmethod
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError  # abstract: every registered backbone overrides it
+        """Logits at the input's spatial size from ``encode``'s feature list."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -1,11 +1,11 @@
-"""ACDC in the SSL4MIS form: ``root/data/patientXXX_frameYY.h5`` volumes, sliced on the fly.
+"""ACDC in the SSL4MIS form: ``root/data/patient<NNN>_frame<FF>.h5`` volumes, sliced on the fly.
 
 Layout (as redistributed by SSL4MIS, UM-med and CrossMatch)::
 
     root/data/*.h5                         image float (D, H, W) in [0, 1], label uint8 (D, H, W):
                                            0 background, 1 RV, 2 Myo, 3 LV
     root/train.list, val.list, test.list   volume ids, one per line
-    root/splits/{1,3,7}/labeled.txt, unlabeled.txt   slice paths data/slices/patientXXX_frameYY_slice_K.h5
+    root/splits/{1,3,7}/labeled.txt, unlabeled.txt   slice paths data/slices/patient<NNN>_frame<FF>_slice_<K>.h5
 
 Labeled split: ``labeled`` counts *patients* (or is a fraction of the 70 training patients, rounded
 down). When ``root/splits/{N}/labeled.txt`` exists it is used as published (slice K is index K-1 of the

@@ -105,7 +105,7 @@ def parse_acdc_slice(entry: str, source: str | Path = "split file") -> tuple[str
     m = _ACDC_SLICE.search(entry.strip().replace("\\", "/"))
     if m is None or int(m.group(2)) < 1:
         raise DataError(f"The line '{entry}' in '{source}' is not a slice path like "
-                        f"'data/slices/patientXXX_frameYY_slice_K.h5' (K from 1); fix or remove it.")
+                        f"'data/slices/patient<NNN>_frame<FF>_slice_<K>.h5' (K from 1); fix or remove it.")
     return m.group(1), int(m.group(2)) - 1
 
 

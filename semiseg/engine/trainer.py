@@ -24,6 +24,13 @@ from semiseg.engine import distributed as dist_utils
 from semiseg.engine.config import TrainConfig
 from semiseg.engine.ema import EMATeacher
 from semiseg.engine.loaders import ZipLoaders, make_loader
+from semiseg.engine.perf import (
+    channels_last_format,
+    compile_backbone,
+    to_channels_last,
+    use_channels_last,
+    warn_slow_cpu_amp,
+)
 from semiseg.engine.progress import ProgressLog
 from semiseg.errors import ConfigError, TrainingError
 from semiseg.evaluation.protocol import validate
@@ -128,8 +135,6 @@ class Trainer:
         self.data = build_data(cfg)
         seed_everything(cfg.seed)
         self.model = build_model(cfg, self.data).to(self.device)
-        from semiseg.engine.perf import to_channels_last, use_channels_last, warn_slow_cpu_amp  # measured defaults
-
         warn_slow_cpu_amp(self.device, cfg.amp)
         self.channels_last = use_channels_last(cfg.channels_last, self.data.dim, self.device)
         if self.channels_last:
@@ -145,9 +150,7 @@ class Trainer:
                 ema["decay"] = cfg.ema_decay
             self.teacher = EMATeacher(self.model, **ema)
         self.step_model = dist_utils.wrap(self.model, self.algo, self.dist, cfg.sync_bn)
-        if cfg.compile:  # perf: after the EMA deepcopy and the SyncBatchNorm conversion
-            from semiseg.engine.perf import compile_backbone
-
+        if cfg.compile:  # after the EMA deepcopy and the SyncBatchNorm conversion
             compile_backbone(self.model)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
@@ -200,7 +203,7 @@ class Trainer:
         nb = self.device.type == "cuda"
         out = {k: v.to(self.device, non_blocking=nb) for k, v in batch.items()}
         if self.channels_last:
-            fmt = torch.channels_last if self.data.dim == 2 else torch.channels_last_3d
+            fmt = channels_last_format(self.data.dim)
             out = {k: v.contiguous(memory_format=fmt) if v.dim() == self.data.dim + 2 else v
                    for k, v in out.items()}
         return out

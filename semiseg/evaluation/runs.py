@@ -12,6 +12,7 @@ from semiseg import registry
 from semiseg.data.base import Case
 from semiseg.engine import checkpoint as ckpt_io
 from semiseg.engine.config import TrainConfig
+from semiseg.engine.perf import to_channels_last, use_channels_last
 from semiseg.errors import ConfigError, DataError
 from semiseg.evaluation.protocol import foreground_names, predictor
 from semiseg.evaluation.report import evaluate_cases, save_prediction
@@ -27,10 +28,8 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> torch.nn.Module:
     model = registry.create_backbone(meta["backbone"], **opts)
     model.load_state_dict(ckpt["model"])
     model = model.to(device).eval()
-    from semiseg.engine.perf import to_channels_last, use_channels_last  # inference: the training default
-
     dim = int(meta.get("dim", 2))
-    return to_channels_last(model, dim) if use_channels_last(None, dim, device) else model
+    return to_channels_last(model, dim) if use_channels_last(None, dim, device) else model  # as in training
 
 
 def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = None, out: str | Path | None = None,

@@ -10,8 +10,13 @@ themselves teachers of the matching perturbed strong streams (teacher-assistant 
 
 with every unsupervised term a Dice on hard labels with unconfident pixels ignored; K = 0.5 on 2D (ACDC
 code), 1.0 on 3D (LA code). The model stays in train mode throughout, as in the official code since cd1e25c.
-The mix partner's clean and perturbed teachers share one encoder pass (the official code spends two: a plain
-forward and a feature-perturbed forward padded with the labeled batch).
+Every feature-perturbed forward runs with the backbone's decoder dropout off (the V-Net's head dropout; the
+official LA code's ``no_drop=True``); only the plain mix-partner forward keeps it.
+
+``plan``: "minimal" (default) computes the mix partner's clean and perturbed teachers in one encoder pass;
+"official" spends the official code's two passes (a plain forward, then a feature-perturbed forward padded
+with the labeled batch), which changes BatchNorm statistics and dropout masks but no loss formula.
+See docs/algorithms.md.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from semiseg.errors import ConfigError
 from semiseg.registry import register_algorithm
 from semiseg.schedules import sigmoid_rampup
 
+PLANS = ("minimal", "official")
+
 
 @register_algorithm("crossmatch")
 class CrossMatch(GraphAlgorithm):
@@ -34,8 +41,12 @@ class CrossMatch(GraphAlgorithm):
 
     def __init__(self, variant: str = "auto", eta: float = 0.3, weak_drop: float = 0.25,
                  strong_drop: float = 0.75, perturb: str = "drop", threshold: float | None = None,
-                 threshold_ramp: int = 17000, kd_weight: float | None = None) -> None:
+                 threshold_ramp: int = 17000, kd_weight: float | None = None, plan: str = "minimal") -> None:
         super().__init__()
+        if plan not in PLANS:
+            raise ConfigError(f"CrossMatch plan '{plan}' is unknown; use one of {', '.join(PLANS)} "
+                              f"(--opt plan=official reproduces the official code's passes).")
+        self.passes = plan
         if variant not in ("auto", "acdc", "la"):
             raise ConfigError(f"CrossMatch variant '{variant}' is unknown; use auto, acdc or la.")
         if not 0.0 <= eta <= 1.0:
@@ -54,21 +65,21 @@ class CrossMatch(GraphAlgorithm):
         weak, strong = self.weak, self.strong
 
         self.views = [MixView("s1", "u_s1", "u_s1_mix", "box1"), MixView("s2", "u_s2", "u_s2_mix", "box2")]
+        # Every feature-perturbed forward f_fp decodes with the backbone's own decoder dropout off (the LA V-Net's
+        # no_drop=True); only the plain forward of the mix partner keeps it.
+        fp = {"decoder_dropout": False}
         self.streams = [
-            # teachers of the CutMix boxes: the mix partner, clean and feature-perturbed, no gradient
-            Stream("P_mix", "u_w_mix", grad=False, group="mix"),
-            Stream("P_mix_w", "u_w_mix", weak, grad=False, group="mix"),
-            Stream("P_mix_s", "u_w_mix", strong, grad=False, group="mix"),
+            *self._mix_teachers(weak, strong),
             # f_fp(cat(x, u_w)): one encoder pass, one decoder pass over 4B
-            Stream("P_x", "x", group="weak"),
-            Stream("P_w", "u_w", group="weak"),
-            Stream("P_w_w", "u_w", weak, group="weak"),
-            Stream("P_w_s", "u_w", strong, group="weak"),
+            Stream("P_x", "x", group="weak", **fp),
+            Stream("P_w", "u_w", group="weak", **fp),
+            Stream("P_w_w", "u_w", weak, group="weak", **fp),
+            Stream("P_w_s", "u_w", strong, group="weak", **fp),
             # f_fp(cat(s1, s2)): s1 gets the clean decoder only, s2 all three
-            Stream("P_s1", "s1", group="strong"),
-            Stream("P_s2", "s2", group="strong"),
-            Stream("P_s2_w", "s2", weak, group="strong"),
-            Stream("P_s2_s", "s2", strong, group="strong"),
+            Stream("P_s1", "s1", group="strong", **fp),
+            Stream("P_s2", "s2", group="strong", **fp),
+            Stream("P_s2_w", "s2", weak, group="strong", **fp),
+            Stream("P_s2_s", "s2", strong, group="strong", **fp),
         ]
         self.edges = [
             Edge("P_x", "y", loss="sup", weight=0.5, name="sup"),
@@ -85,6 +96,25 @@ class CrossMatch(GraphAlgorithm):
             Edge("P_s2_s", "P_w_s", w_dkd, threshold=tau, box="box2", mix_teacher="P_mix_s", name="dkd_strong"),
         ]
         self.check_graph()
+
+    def _mix_teachers(self, weak: str, strong: str) -> list[Stream]:
+        """The teachers of the CutMix boxes: the mix partner, clean and feature-perturbed, no gradient.
+
+        minimal: one encoder pass over the mix partner (B encoder, 3B decoder image-passes).
+        official: as the official code, a plain forward (head dropout on), then f_fp(cat(x, u_w_mix)) whose
+        decoder batch is [x, u_w_mix, weak(u_w_mix), strong(u_w_mix)]; the first two outputs pad the batch (no
+        loss reads them) but share its BatchNorm statistics (3B encoder, 5B decoder image-passes).
+        """
+        off = {"grad": False, "decoder_dropout": False}
+        if self.passes == "minimal":
+            return [Stream("P_mix", "u_w_mix", grad=False, group="mix"),
+                    Stream("P_mix_w", "u_w_mix", weak, group="mix", **off),
+                    Stream("P_mix_s", "u_w_mix", strong, group="mix", **off)]
+        return [Stream("P_mix", "u_w_mix", grad=False, group="mix"),
+                Stream("P_pad_x", "x", group="mix_fp", **off),
+                Stream("P_pad_mix", "u_w_mix", group="mix_fp", **off),
+                Stream("P_mix_w", "u_w_mix", weak, group="mix_fp", **off),
+                Stream("P_mix_s", "u_w_mix", strong, group="mix_fp", **off)]
 
     def _la_threshold(self, ctx: StepContext) -> float:
         """LA code: tau0 at the first step, then (tau0 + (1 - tau0) sigmoid_rampup(t, 17000)) ln 2."""

@@ -48,6 +48,10 @@ class Stream:
     grad: bool = True
     group: str | None = None  # streams of one group share an encoder pass (default: one group per view)
     train_mode: bool = True  # False runs the group in model.eval() (FixMatch/UniMatch mix teacher)
+    # Whether the backbone's own decoder dropout (the V-Net's Dropout3d before its head) acts on this stream.
+    # Official codes that decode feature-perturbed batches with dropout switched off (CrossMatch LA's
+    # ``no_drop=True``) declare False; backbones without decoder dropout ignore it.
+    decoder_dropout: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class GraphAlgorithm(Algorithm):
                     pert = parse_perturbation(s.perturb)
                     dec_in.append(f if pert is None else f[:keep] + pert(f[keep:], ctx.generator))
                 stacked = [torch.cat([d[level] for d in dec_in]) for level in range(len(feats))]
-                logits = model.decode(stacked)
+                logits = self._decode(model, stacked, streams, views)
             plan["encoder_calls"] += 1
             plan["decoder_calls"] += 1
             plan["encoder_images"] += sum(sizes)
@@ -152,6 +156,17 @@ class GraphAlgorithm(Algorithm):
         model.train(was_training)
         self.last_plan = plan
         return out
+
+    @staticmethod
+    def _decode(model: nn.Module, stacked: list[torch.Tensor], streams: list[Stream],
+                views: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One decoder call over the stacked streams; when some of them switch the backbone's decoder dropout
+        off, the backbone gets a per-sample mask of the samples it may drop (see ``SegBackbone.decode``)."""
+        if all(s.decoder_dropout for s in streams) or not getattr(model, "decoder_dropout", False):
+            return model.decode(stacked)
+        drop = torch.cat([torch.full((views[s.view].shape[0],), s.decoder_dropout, dtype=torch.bool)
+                          for s in streams]).to(stacked[0].device)
+        return model.decode(stacked, drop=drop)
 
     def targets(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                 teacher: str, box: str | None, mix_teacher: str | None) -> Target:

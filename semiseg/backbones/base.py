@@ -24,6 +24,9 @@ class SegBackbone(nn.Module, metaclass=ABCMeta):
     num_classes: int = 2
     # Leading feature maps that feature perturbations leave alone (smp encoders return the input image first).
     unperturbed_levels: int = 0
+    # True when ``decode`` holds dropout of its own and takes ``drop``, a (B,) bool tensor saying which samples
+    # it may drop; a stream graph passes it when some of its streams switch that dropout off.
+    decoder_dropout: bool = False
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:

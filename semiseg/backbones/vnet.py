@@ -3,7 +3,10 @@
 Encoder stages of 1/2/3/3/3 conv3-BN-ReLU at 16/32/64/128/256 x width, joined by conv k2 s2
 (+BN+ReLU); decoder stages of 3/3/2/1 convs after ConvTranspose k2 s2 (+BN+ReLU); skips are added,
 not concatenated; head is a 1x1x1 conv. ``has_dropout`` puts Dropout3d(0.5) on the bottleneck
-(inside ``encode``) and before the head (inside ``decode``), as the reference does.
+(inside ``encode``) and before the head (inside ``decode``), as the reference does. ``decode(features, drop)``
+applies the head dropout only to the samples where ``drop`` is True: the CrossMatch LA code decodes its
+feature-perturbed batches with ``no_drop=True`` (head dropout off, bottleneck dropout on), and a stream graph
+declares that per stream (``Stream.decoder_dropout``).
 
 Inputs must be divisible by 16 in every axis (four stride-2 downsamplings).
 """
@@ -58,6 +61,7 @@ class VNet(SegBackbone):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.has_dropout = has_dropout
+        self.decoder_dropout = has_dropout
         c = [scaled(ch, width) for ch in BASE_CHANNELS]
         # Names follow the reference (block_one.conv.0 ... out_conv) so its checkpoints load as they are.
         self.block_one = conv_stage(1, in_channels, c[0])
@@ -91,14 +95,17 @@ class VNet(SegBackbone):
             x5 = self.dropout(x5)
         return [x1, x2, x3, x4, x5]
 
-    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def decode(self, features: list[torch.Tensor], drop: torch.Tensor | None = None) -> torch.Tensor:
         x1, x2, x3, x4, x5 = features
         x6 = self.block_six(self.block_five_up(x5) + x4)
         x7 = self.block_seven(self.block_six_up(x6) + x3)
         x8 = self.block_eight(self.block_seven_up(x7) + x2)
         x9 = self.block_nine(self.block_eight_up(x8) + x1)
         if self.has_dropout:
-            x9 = self.dropout(x9)
+            dropped = self.dropout(x9)
+            # Dropout3d draws each sample's channel mask independently, so selecting samples afterwards is the
+            # same as dropping only those
+            x9 = dropped if drop is None else torch.where(drop.view(-1, *(1,) * (x9.dim() - 1)), dropped, x9)
         return self.out_conv(x9)
 
 

@@ -197,24 +197,6 @@ def bench_paired(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def official_crossmatch_streams(streams: list[Any]) -> list[Any]:
-    """CrossMatch's streams regrouped as the official code runs them (ALGORITHMS.md, "Cost per iteration"):
-    the mix partner through a plain forward, then again through the feature-perturbed forward padded with the
-    labeled batch, whose two perturbed outputs for the labeled images no loss reads. 7B encoder / 13B decoder
-    image-passes instead of 5B / 11B."""
-    from dataclasses import replace
-
-    from semiseg.algorithms.graph import Stream
-
-    by_name = {s.name: s for s in streams}
-    weak, strong = by_name["P_mix_w"].perturb, by_name["P_mix_s"].perturb
-    rest = [s for s in streams if s.group != "mix"]
-    return [by_name["P_mix"],
-            Stream("P_pad_w", "x", weak, grad=False, group="mix_fp"),
-            Stream("P_pad_s", "x", strong, grad=False, group="mix_fp"),
-            replace(by_name["P_mix_w"], group="mix_fp"), replace(by_name["P_mix_s"], group="mix_fp"), *rest]
-
-
 def bench_passes(spec: dict[str, Any]) -> dict[str, Any]:
     """CrossMatch training steps with the official pass plan against semiseg's, alternating in one process on a
     preset's real data (``spec``: preset, rounds, warmup). Same batches, same losses; only the dead passes
@@ -232,8 +214,11 @@ def bench_passes(spec: dict[str, Any]) -> dict[str, Any]:
         t = Trainer(cfg, quiet=True)
         loader = iter(t._loaders(0, 8))
         batches = [t._to_device(next(loader)) for _ in range(8)]
-        ours = list(t.algo.streams)
-        plans = {"semiseg": ours, "official": official_crossmatch_streams(ours)}
+        from semiseg.algorithms.crossmatch import CrossMatch
+
+        official = CrossMatch(**{**t.cfg.algo_options, "plan": "official"})
+        official.setup(num_classes=t.data.num_classes, dim=t.data.dim)
+        plans = {"semiseg": list(t.algo.streams), "official": official.streams}
         times: dict[str, list[float]] = {"semiseg": [], "official": []}
         counts: dict[str, dict[str, int]] = {}
         warm, rounds = spec["warmup"], spec["rounds"]

@@ -64,13 +64,15 @@ TRAIN_FLAGS = {
     "weight_decay": "weight_decay", "amp": "amp", "clip_grad": "clip_grad", "seed": "seed", "device": "device",
     "out": "out", "val_every": "val_every", "log_every": "log_every", "workers": "workers", "policy": "policy",
     "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn", "val_split": "val_split",
-    "poly_total": "poly_total", "ema_decay": "ema_decay",
+    "poly_total": "poly_total", "ema_decay": "ema_decay", "recipe": "recipe",
 }
 
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(), help="YAML config (a run's config.yaml reruns it).")
 @click.option("--algo", default="supervised", show_default=True, help="Algorithm (see `semiseg list`).")
+@click.option("--recipe", type=click.Choice(["default", "official"]), default="default", show_default=True,
+              help="official: the algorithm's official optimizer, schedule, length and batch sizes (flags win).")
 @click.option("--opt", "algo_opts", multiple=True, help="Algorithm option key=value, e.g. --opt eta=0.3.")
 @click.option("--backbone", default="auto", show_default=True, help="unet, vnet, unet3d, smp; auto picks by data.")
 @click.option("--arch", help="smp architecture, e.g. Unet, FPN, DeepLabV3Plus (with --backbone smp).")
@@ -124,6 +126,11 @@ def train(ctx: click.Context, **kw: Any) -> None:
     for p in kw["plugins"]:
         registry.load_plugin(p)
     cfg = TrainConfig.load(kw["config_file"]) if kw["config_file"] else TrainConfig()
+    # what the user chose (the recipe fills the rest): flags typed on the command line, keys of the config file
+    explicit = {key for flag, key in TRAIN_FLAGS.items()
+                if ctx.get_parameter_source(flag) == ParameterSource.COMMANDLINE}
+    if kw["config_file"]:
+        explicit |= set(yaml_keys(kw["config_file"]))
 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or not kw["config_file"]
@@ -157,7 +164,11 @@ def train(ctx: click.Context, **kw: Any) -> None:
 
     from semiseg.engine.trainer import Trainer
 
-    trainer = Trainer(cfg, quiet=kw["quiet"])
+    trainer = Trainer(cfg, quiet=kw["quiet"], explicit=explicit)
+    if trainer.dist.is_main and trainer.recipe:
+        r = dict(trainer.recipe)
+        console.print(f"recipe official ({r.pop('source')}): " + ", ".join(f"{k}={v}" for k, v in r.items()),
+                      highlight=False, soft_wrap=True, markup=False)
     if trainer.dist.is_main:
         d = trainer.data
         console.print(f"[bold]semiseg[/] {cfg.algo} on {d.name} ({d.dim}D, {d.num_classes} classes, "
@@ -168,6 +179,13 @@ def train(ctx: click.Context, **kw: Any) -> None:
     if trainer.dist.is_main and summary.get("last"):
         console.print(f"done: last val dice {summary['last']['dice']:.4f}, best {summary['best']['dice']:.4f} "
                       f"at step {summary['best']['iteration']}; {cfg.out}", highlight=False)
+
+
+def yaml_keys(path: str) -> list[str]:
+    import yaml
+
+    d = yaml.safe_load(Path(path).read_text()) or {}
+    return list(d) if isinstance(d, dict) else []
 
 
 def _relaunch_torchrun(nproc: int) -> None:

@@ -179,7 +179,15 @@ def test_builtin_presets_parse_and_register():
         if p.train.get("data_root"):
             assert Path(p.train["data_root"]).is_absolute()  # resolved against the repository root
     assert names <= set(registry.PRESETS.names())
-    assert get_preset("acdc-paper").train["iterations"] == 300 * (1244 // 12)
+    assert get_preset("acdc-paper").train["recipe"] == get_preset("la-paper").train["recipe"] == "official"
+
+
+def test_recipe_preset_gives_each_algorithm_its_official_length(shared_data):
+    """acdc-paper: 300 epochs of 1244 // 12 for CrossMatch (3 cases), 300 * (68 // 12) for supervised, BCP's
+    10 000 + 30 000 steps."""
+    specs = runner.plan(get_preset("acdc-paper"), ["crossmatch", "supervised", "bcp"], [0], [3],
+                        data_root=str(shared_data / "acdc"))
+    assert {s.algo: s.iterations for s in specs} == {"crossmatch": 30900, "supervised": 1500, "bcp": 40000}
 
 
 def test_preset_rejects_per_run_and_unknown_keys():

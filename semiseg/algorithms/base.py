@@ -23,10 +23,36 @@ NEEDS = ("labeled", "unlabeled", "strong", "mix")
 
 @dataclass
 class Stage:
-    """A training stage: BCP pre-trains, then self-trains; most algorithms have one stage."""
+    """A training stage: BCP pre-trains, then self-trains; most algorithms have one stage.
+
+    ``schedule``: None follows the run's learning-rate schedule over the whole run; a schedule name restarts that
+    schedule at the stage's first step over the stage's length. ``start_from="best"`` first restores the
+    previous stage's best checkpoint (chosen on the validation split), its optimizer state included unless
+    ``fresh_optimizer``, which starts a new optimizer.
+    """
 
     name: str
     iterations: int
+    schedule: str | None = None
+    start_from: str | None = None  # None (continue) or "best"
+    fresh_optimizer: bool = False
+
+
+# The optimizer every official SGD recipe of the field shares (UniMatch, CrossMatch ACDC, SSL4MIS, UA-MT, BCP).
+OFFICIAL_SGD: dict[str, Any] = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+                                "nesterov": False, "warmup": 0, "poly_total": None}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An algorithm's official training settings (``--recipe official``): TrainConfig fields, and optionally a
+    length in epochs over the unlabeled (or labeled) set at the recipe's batch size, as the official loops count.
+    ``source`` names the official script the values come from."""
+
+    source: str
+    settings: dict[str, Any]
+    epochs: int | None = None
+    epoch_over: str = "unlabeled"  # or "labeled"
 
 
 @dataclass
@@ -73,6 +99,12 @@ class Algorithm(ABC):
 
     def stages(self, iterations: int) -> list[Stage]:
         return [Stage("train", iterations)]
+
+    @classmethod
+    def official_recipe(cls, dim: int) -> Recipe | None:
+        """The official code's optimizer, schedule, length and batch sizes for 2D (ACDC) or 3D (LA) data;
+        None where the method has no official code to follow (``--recipe official`` then refuses)."""
+        return None
 
     @abstractmethod
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepResult:

@@ -26,10 +26,11 @@ The two official scripts differ in details, chosen by ``variant`` ("auto": acdc 
 - la: Dice per sample and class with a plain sum in the denominator (s = 1e-5, background included); the
   pre-train uses plain (CE + Dice) / 2 over the mixed label; the EMA averages parameters only.
 
-Differences from the official code: the official self-training restarts from the *best* pre-train
-checkpoint (ACDC also restores its optimizer state); we continue from the last pre-train weights with the
-running optimizer, since the engine keeps one model and one optimizer through the stages and picks no
-checkpoint by validation.
+Stages, as the official scripts: the pre-training share is 10 000 of 40 000 iterations on ACDC (25 %) and 2 000
+of 17 000 on LA; self-training starts from the *best* pre-training checkpoint chosen on the validation split
+(``selftrain_from="best"``; "last" continues from the last pre-training step), with that checkpoint's optimizer
+state on ACDC and a fresh optimizer on LA. The official LA code chooses that checkpoint on its test set; semiseg
+chooses on the dataset's validation split and says so when that split is the test split.
 The LA script pastes the unlabeled patch into the first labeled image and the labeled patch into the second
 unlabeled one (the same two directions, names swapped); both variants here use the ACDC layout above.
 """
@@ -42,12 +43,16 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from semiseg.algorithms.base import Algorithm, Stage, StepContext, StepResult
+from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, Recipe, Stage, StepContext, StepResult
 from semiseg.algorithms.losses import dice_loss
 from semiseg.algorithms.meanteacher import require_teacher, train_mode
 from semiseg.augment.mixing import bcp_mask, copy_paste
 from semiseg.errors import ConfigError
 from semiseg.registry import register_algorithm
+from semiseg.schedules import SCHEDULES
+
+# The official pre-training share of the whole run: ACDC 10 000 of 10 000 + 30 000; LA 2 000 of 2 000 + 15 000.
+PRETRAIN_SHARE = {"acdc": 10000 / 40000, "la": 2000 / 17000}
 
 
 def largest_components(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -97,13 +102,35 @@ class BCP(Algorithm):
     needs = ("labeled", "unlabeled")
     ema = {"decay": 0.99, "warmup": False, "buffers": True}
 
-    def __init__(self, variant: str = "auto", pretrain_fraction: float = 0.25,
+    @classmethod
+    def official_recipe(cls, dim: int) -> Recipe:
+        if dim == 2:  # constant lr 0.01; 10 000 pre-training + 30 000 self-training steps of 12 + 12
+            return Recipe("BCP code/ACDC_BCP_train.py",
+                          {**OFFICIAL_SGD, "schedule": "constant", "iterations": 40000, "batch_size": 12,
+                           "unlabeled_batch_size": 12, "val_every": 200,
+                           "algo_options": {"pretrain_iterations": 10000}})
+        # constant lr in pre-training, then a fresh SGD with lr x0.1 every 2 500 self-training steps; 4 + 4
+        return Recipe("BCP code/LA_BCP_train.py",
+                      {**OFFICIAL_SGD, "schedule": "constant", "iterations": 17000, "batch_size": 4,
+                       "unlabeled_batch_size": 4, "val_every": 200,
+                       "algo_options": {"pretrain_iterations": 2000, "selftrain_schedule": "step"}})
+
+    def __init__(self, variant: str = "auto", pretrain_fraction: float | None = None,
                  pretrain_iterations: int | None = None, u_weight: float = 0.5, mask_ratio: float = 2 / 3,
-                 lcc: bool = True) -> None:
+                 lcc: bool = True, selftrain_from: str = "best", selftrain_schedule: str | None = None,
+                 fresh_optimizer: bool | None = None) -> None:
         super().__init__()
         if variant not in ("auto", "acdc", "la"):
             raise ConfigError(f"BCP variant '{variant}' is unknown; use auto, acdc or la.")
-        if not 0.0 <= pretrain_fraction < 1.0:
+        if selftrain_from not in ("best", "last"):
+            raise ConfigError(f"BCP selftrain_from='{selftrain_from}' is unknown; use best (the official code) "
+                              f"or last.")
+        if selftrain_schedule is not None and selftrain_schedule not in SCHEDULES:
+            raise ConfigError(f"BCP selftrain_schedule='{selftrain_schedule}' is unknown; use one of "
+                              f"{', '.join(SCHEDULES)}.")
+        self.selftrain_from, self.selftrain_schedule = selftrain_from, selftrain_schedule
+        self.fresh_optimizer = fresh_optimizer
+        if pretrain_fraction is not None and not 0.0 <= pretrain_fraction < 1.0:
             raise ConfigError(f"BCP pretrain_fraction={pretrain_fraction} must lie in [0, 1).")
         if pretrain_iterations is not None and pretrain_iterations < 0:
             raise ConfigError(f"BCP pretrain_iterations={pretrain_iterations} must be >= 0.")
@@ -124,16 +151,26 @@ class BCP(Algorithm):
     def stages(self, iterations: int) -> list[Stage]:
         pre = self.pretrain_iterations
         if pre is None:
-            pre = int(round(iterations * self.pretrain_fraction))
+            # the official share: ACDC 10 000 of 40 000, LA 2 000 of 17 000
+            share = self.pretrain_fraction
+            if share is None:
+                share = PRETRAIN_SHARE[self.form]
+            pre = int(round(iterations * share))
         if pre >= iterations:
             raise ConfigError(f"BCP pre-trains {pre} of {iterations} iterations and would never self-train; "
                               f"raise --iterations or lower pretrain_iterations.")
-        stages = [Stage("pretrain", pre)] if pre > 0 else []
-        return stages + [Stage("selftrain", iterations - pre)]
+        if pre == 0:
+            return [Stage("selftrain", iterations, schedule=self.selftrain_schedule)]
+        fresh = self.form == "la" if self.fresh_optimizer is None else self.fresh_optimizer
+        start = "best" if self.selftrain_from == "best" else None
+        return [Stage("pretrain", pre),
+                Stage("selftrain", iterations - pre, schedule=self.selftrain_schedule, start_from=start,
+                      fresh_optimizer=fresh)]
 
     def on_stage_start(self, stage: Stage, model: nn.Module, ctx: StepContext) -> None:
         if stage.name == "selftrain":
-            # the teacher starts from the pre-trained student (official: from the best pre-train checkpoint)
+            # the teacher starts from the pre-trained student (the engine restored the best pre-training
+            # checkpoint first when the stage starts from it)
             require_teacher(ctx, self.name).load_state_dict(model.state_dict())
 
     # -- losses ----------------------------------------------------------------------------------------------

@@ -23,13 +23,22 @@ from __future__ import annotations
 
 import math
 
-from semiseg.algorithms.base import StepContext
+from semiseg.algorithms.base import OFFICIAL_SGD, Recipe, StepContext
 from semiseg.algorithms.graph import Edge, GraphAlgorithm, MixView, Stream
 from semiseg.errors import ConfigError
 from semiseg.registry import register_algorithm
 from semiseg.schedules import sigmoid_rampup
 
 PLANS = ("minimal", "official")
+
+
+def crossmatch_la_recipe(note: str = "") -> Recipe:
+    """CrossMatch LA: AdamW 1e-3, poly decay over 17 000 iterations whatever the length, 14 000 iterations
+    (its train.sh), 2 labeled + 2 unlabeled (+ 2 mix partner) volumes per step."""
+    source = "CrossMatch LA/code/train_cross_match.py, train.sh" + (f" ({note})" if note else "")
+    return Recipe(source, {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup": 0,
+                           "schedule": "poly", "poly_total": 17000, "iterations": 14000, "batch_size": 2,
+                           "unlabeled_batch_size": 2})
 
 
 @register_algorithm("crossmatch")
@@ -55,6 +64,14 @@ class CrossMatch(GraphAlgorithm):
         self.weak, self.strong = f"{perturb}:{weak_drop}", f"{perturb}:{strong_drop}"
         self.threshold, self.threshold_ramp, self.kd_weight = threshold, threshold_ramp, kd_weight
         self.setup(num_classes=4, dim=2)
+
+    @classmethod
+    def official_recipe(cls, dim: int) -> Recipe:
+        if dim == 2:  # UniMatch's ACDC recipe with nesterov: 300 epochs of |U| // 12, 12 + 12 (+ 12 mix partner)
+            return Recipe("CrossMatch ACDC/train_cross_match.py, configs/acdc.yaml",
+                          {**OFFICIAL_SGD, "nesterov": True, "schedule": "poly", "batch_size": 12,
+                           "unlabeled_batch_size": 12}, epochs=300)
+        return crossmatch_la_recipe()
 
     def setup(self, num_classes: int, dim: int) -> None:
         super().setup(num_classes, dim)

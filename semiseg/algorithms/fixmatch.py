@@ -5,6 +5,8 @@ partner's prediction inside the CutMix box, supervises the strong CutMixed view 
 the confidence threshold ignored. L = (L_sup + L_u) / 2.
 """
 
+from semiseg.algorithms.base import OFFICIAL_SGD, Recipe
+from semiseg.algorithms.crossmatch import crossmatch_la_recipe
 from semiseg.algorithms.graph import Edge, GraphAlgorithm, MixView, Stream
 from semiseg.registry import register_algorithm
 
@@ -15,6 +17,16 @@ class FixMatch(GraphAlgorithm):
     paper = "FixMatch (Sohn et al.)"
     year = 2020
     needs = ("labeled", "unlabeled", "strong", "mix")
+
+    @classmethod
+    def official_recipe(cls, dim: int) -> Recipe:
+        # UniMatch's medical recipe (the structure of its natural-image fixmatch.py): 300 epochs of |U| // 12
+        # iterations, 12 labeled + 12 unlabeled (+ 12 mix partner)
+        if dim == 2:
+            return Recipe("UniMatch more-scenarios/medical/unimatch.py",
+                          {**OFFICIAL_SGD, "schedule": "poly", "batch_size": 12, "unlabeled_batch_size": 12},
+                          epochs=300)
+        return crossmatch_la_recipe("no official 3D code; CrossMatch's LA port of UniMatch")
 
     def __init__(self, threshold: float = 0.95) -> None:
         super().__init__()

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import StepContext
+from semiseg.algorithms.base import OFFICIAL_SGD, Recipe, StepContext
 from semiseg.algorithms.losses import masked_mse
 from semiseg.algorithms.meanteacher import MeanTeacher, train_mode
 from semiseg.errors import ConfigError
@@ -45,6 +45,16 @@ class UAMT(MeanTeacher):
     year = 2019
     needs = ("labeled", "unlabeled")
     ema = {"decay": 0.99, "warmup": True, "buffers": False}
+
+    @classmethod
+    def official_recipe(cls, dim: int) -> Recipe:
+        if dim == 2:
+            return Recipe("SSL4MIS code/train_uncertainty_aware_mean_teacher_2D.py",
+                          {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": 12,
+                           "unlabeled_batch_size": 12})
+        return Recipe("UA-MT code/train_LA_meanteacher_certainty_unlabel.py",
+                      {**OFFICIAL_SGD, "schedule": "step", "iterations": 6000, "batch_size": 2,
+                       "unlabeled_batch_size": 2})
 
     def __init__(self, consistency: float = 0.1, consistency_rampup: float | None = None,
                  rampup_every: int = 150, consistency_start: int = 0, noise_std: float = 0.1,

@@ -7,6 +7,8 @@ confidence < 0.95 ignored. The official decoder also computes an unused perturbe
 skip that pass (it only shifts BatchNorm statistics), see ALGORITHMS.md and the stream-graph note in graph.py.
 """
 
+from semiseg.algorithms.base import OFFICIAL_SGD, Recipe
+from semiseg.algorithms.crossmatch import crossmatch_la_recipe
 from semiseg.algorithms.graph import Edge, GraphAlgorithm, MixView, Stream
 from semiseg.registry import register_algorithm
 
@@ -17,6 +19,14 @@ class UniMatch(GraphAlgorithm):
     paper = "UniMatch (Yang et al.)"
     year = 2023
     needs = ("labeled", "unlabeled", "strong", "mix")
+
+    @classmethod
+    def official_recipe(cls, dim: int) -> Recipe:
+        if dim == 2:  # 300 epochs of |U| // 12 iterations, 12 labeled + 12 unlabeled (+ 12 mix partner)
+            return Recipe("UniMatch more-scenarios/medical/unimatch.py",
+                          {**OFFICIAL_SGD, "schedule": "poly", "batch_size": 12, "unlabeled_batch_size": 12},
+                          epochs=300)
+        return crossmatch_la_recipe("no official 3D code; CrossMatch's LA port of UniMatch")
 
     def __init__(self, threshold: float = 0.95, fp: str = "drop:0.5") -> None:
         super().__init__()

@@ -157,7 +157,7 @@ def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str |
 
     out_dir = Path(out) if out else Path("bench") / preset.name
     if dry_run:
-        specs = plan(preset, algo_list, seed_list, lab_list, iterations)
+        specs = plan(preset, algo_list, seed_list, lab_list, iterations, data_root)
         done = {res.row_key(r) for r in res.read_rows(out_dir / "results.csv")}
         committed = {res.row_key(r) for r in res.read_rows(committed_results(preset))}
         t = Table(title=f"{preset.name}: {len(specs)} runs -> {out_dir}")

@@ -31,6 +31,7 @@ from semiseg.bench import results as res
 from semiseg.bench.presets import RESULTS_DIR, Preset, get_preset
 from semiseg.bench.timing import time_config, time_trainer
 from semiseg.engine.config import TrainConfig
+from semiseg.engine.recipes import resolved
 from semiseg.errors import ConfigError
 
 
@@ -63,7 +64,8 @@ class BenchResult:
 
 # -- the grid ---------------------------------------------------------------------------------------------------
 def plan(preset: Preset, algos: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-         labeled: Sequence[float] | None = None, iterations: int | None = None) -> list[RunSpec]:
+         labeled: Sequence[float] | None = None, iterations: int | None = None,
+         data_root: str | None = None) -> list[RunSpec]:
     """The runs of the grid, labeled split outermost, then seed, then algorithm (so a partial grid already
     compares every algorithm on the first split and seed)."""
     names = list(algos) if algos else preset.resolve_algos()
@@ -77,7 +79,15 @@ def plan(preset: Preset, algos: Sequence[str] | None = None, seeds: Sequence[int
     if iters < 1:
         raise ConfigError(f"--iterations must be at least 1, got {iters}.")
     labs: list[float | None] = list(labeled) if labeled else (list(preset.labeled) or [None])
-    return [RunSpec(a, lab, int(s), iters) for lab in labs for s in (seeds or preset.seeds) for a in names]
+    lengths = {(a, lab): iters for a in names for lab in labs}
+    if preset.train.get("recipe", "default") != "default" and iterations is None and "iterations" not in preset.train:
+        # each algorithm's official length (which may count epochs of the labeled split's unlabeled set)
+        for a, lab in lengths:
+            cfg = preset.config(a, lab, 0, "unused")
+            if data_root is not None:
+                cfg.data_root = data_root
+            lengths[a, lab] = resolved(cfg, set(preset.train)).iterations
+    return [RunSpec(a, lab, int(s), lengths[a, lab]) for lab in labs for s in (seeds or preset.seeds) for a in names]
 
 
 def committed_results(preset: Preset) -> Path:
@@ -167,7 +177,8 @@ def run_config(preset: Preset, spec: RunSpec, run_dir: Path, data_root: str | No
     if device is not None:
         cfg.device = device
     cfg.plugins = sorted(set(cfg.plugins) | set(plugins))
-    return cfg
+    # the preset's keys and the grid's length win over the algorithm's official recipe
+    return resolved(cfg, set(preset.train) | {"iterations"})
 
 
 def run_one(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: str,
@@ -187,7 +198,7 @@ def run_one(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: 
     label = f"{spec.algo} l={res.fmt_labeled(spec.labeled)} s={spec.seed}"
     view.status(f"{label}: building")
     resumed = (run_dir / "checkpoints" / "last.pt").is_file()
-    trainer = Trainer(cfg, quiet=True)
+    trainer = Trainer(cfg, quiet=True, explicit=TrainConfig.field_names())
     t0 = time.perf_counter()
     with view.follow(f"{label}: training", trainer):
         summary = trainer.fit(resume=True)
@@ -267,12 +278,16 @@ def preset_notes(preset: Preset) -> list[str]:
         parts.append(f"data options {t['data_options']}")
     if t.get("patch_size"):
         parts.append("patch " + "x".join(str(p) for p in t["patch_size"]))
-    parts.append(f"batch {batch} labeled + {ub} unlabeled")
-    opt = t.get("optimizer", "sgd")
-    lr = t.get("lr") or ("0.01" if opt == "sgd" else "1e-3")
-    nesterov = " nesterov" if t.get("nesterov") else ""
-    parts.append(f"{opt}{nesterov} lr {lr} {t.get('schedule', 'poly')}"
-                 + (f" over {t['poly_total']}" if t.get("poly_total") else ""))
+    if t.get("recipe", "default") != "default":
+        parts.append("each algorithm's official recipe (optimizer, schedule, length, batch sizes; "
+                     "docs/algorithms.md)")
+    else:
+        parts.append(f"batch {batch} labeled + {ub} unlabeled")
+        opt = t.get("optimizer", "sgd")
+        lr = t.get("lr") or ("0.01" if opt == "sgd" else "1e-3")
+        nesterov = " nesterov" if t.get("nesterov") else ""
+        parts.append(f"{opt}{nesterov} lr {lr} {t.get('schedule', 'poly')}"
+                     + (f" over {t['poly_total']}" if t.get("poly_total") else ""))
     parts.append(f"eval split {preset.eval_split}" + (f" {preset.eval_options}" if preset.eval_options else ""))
     parts.append(f"timing {preset.timing['warmup']} warm-up + {preset.timing['iters']} timed iterations")
     src = f" ({Path(preset.path).name})" if preset.path else ""
@@ -348,7 +363,7 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
     preset = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out) if out is not None else Path("bench") / preset.name
     runs = Path(runs_dir) if runs_dir is not None else out / "runs"
-    specs = plan(preset, algos, seeds, labeled, iterations)
+    specs = plan(preset, algos, seeds, labeled, iterations, data_root)
     command = command or default_command()
     out.mkdir(parents=True, exist_ok=True)
     _ignore_runs(out, runs)
@@ -400,7 +415,7 @@ def time_grid(preset: Preset | str, algos: Sequence[str] | None = None, labeled:
     preset = get_preset(preset) if isinstance(preset, str) else preset
     lab = labeled if labeled is not None else (preset.labeled[0] if preset.labeled else None)
     specs = plan(preset, algos, [seed if seed is not None else preset.seeds[0]], [lab] if lab is not None else None,
-                 iterations)
+                 iterations, data_root)
     tm = timing or preset.timing
     rows = []
     with tempfile.TemporaryDirectory(prefix="semiseg-time-") as tmp:

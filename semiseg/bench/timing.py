@@ -276,7 +276,7 @@ def _worker(argv: list[str]) -> None:
 
     with open(cfg_path) as f:
         cfg = TrainConfig.from_dict(json.load(f), source="timing config")
-    trainer = Trainer(cfg, quiet=True)
+    trainer = Trainer(cfg, quiet=True, explicit=TrainConfig.field_names())  # a resolved config
     if resume == "1":
         trainer.resume()
     print(json.dumps(time_trainer(trainer, int(warmup), int(iters))), flush=True)

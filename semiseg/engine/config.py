@@ -15,6 +15,7 @@ from semiseg.errors import ConfigError
 @dataclass
 class TrainConfig:
     algo: str = "supervised"
+    recipe: str = "default"  # default: the settings below; official: the algorithm's official ones (engine/recipes.py)
     algo_options: dict[str, Any] = field(default_factory=dict)
     backbone: str = "auto"  # auto: unet for 2D data, vnet for 3D
     backbone_options: dict[str, Any] = field(default_factory=dict)
@@ -52,6 +53,10 @@ class TrainConfig:
     sync_bn: bool = False
     plugins: list[str] = field(default_factory=list)
 
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -84,6 +89,8 @@ class TrainConfig:
             raise ConfigError(f"--iterations must be at least 1, got {self.iterations}.")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.recipe not in ("default", "official"):
+            raise ConfigError(f"--recipe '{self.recipe}' is unknown; use default or official.")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"--optimizer '{self.optimizer}' is unknown; use sgd or adamw.")
         from semiseg.schedules import SCHEDULES

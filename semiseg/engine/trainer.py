@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from semiseg.engine.perf import (
     warn_slow_cpu_amp,
 )
 from semiseg.engine.progress import ProgressLog
+from semiseg.engine.recipes import apply_recipe
 from semiseg.errors import ConfigError, TrainingError
 from semiseg.evaluation.protocol import validate
 from semiseg.schedules import learning_rate
@@ -121,7 +123,10 @@ def check_output_dir(out: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, quiet: bool = False) -> None:
+    """``explicit``: the config fields the user gave, which ``--recipe official`` leaves alone (None: those that
+    differ from TrainConfig's defaults; see engine/recipes.py)."""
+
+    def __init__(self, cfg: TrainConfig, quiet: bool = False, explicit: Iterable[str] | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.quiet = quiet
@@ -133,6 +138,8 @@ class Trainer:
         if self.dist.is_main:
             check_output_dir(self.out)
         self.data = build_data(cfg)
+        self.recipe = apply_recipe(cfg, self.data, explicit)
+        cfg.validate()
         seed_everything(cfg.seed)
         self.model = build_model(cfg, self.data).to(self.device)
         warn_slow_cpu_amp(self.device, cfg.amp)
@@ -156,6 +163,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
         self.iteration = 0
         self.best: dict[str, Any] = {"dice": -1.0, "iteration": -1}
+        self.stage_best: dict[str, float] = {}  # best validation Dice within each stage (stages start from it)
+        self.notes: list[str] = []
         self.meta = {
             "algo": cfg.algo,
             "backbone": cfg.backbone if cfg.backbone != "auto" else ("vnet" if self.data.dim == 3 else "unet"),
@@ -229,6 +238,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "best": dict(self.best),
+            "stage_best": dict(self.stage_best),
             "config": self.cfg.to_dict(),
             "meta": self.meta,
         }
@@ -256,6 +266,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         self.iteration = int(ck["iteration"])
         self.best = dict(ck["best"])
+        self.stage_best = dict(ck.get("stage_best") or {})
         return True
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -265,9 +276,52 @@ class Trainer:
                            stage_iterations=stage.iterations,
                            teacher=self.teacher.model if self.teacher else None)
 
+    def lr_at(self, it: int) -> float:
+        """The run's schedule over the whole run, or the stage's own schedule restarted at the stage's start."""
+        c = self.cfg
+        stage, sit = self._stage_at(it)
+        if stage.schedule is None:
+            return learning_rate(c.schedule, self.base_lr, it, self.total, c.warmup, c.poly_total)
+        return learning_rate(stage.schedule, self.base_lr, sit, stage.iterations)
+
+    def start_stage(self, stage: Stage) -> None:
+        """At a stage's first step: restore the previous stage's best checkpoint and/or start a new optimizer
+        when the stage asks for it, then the algorithm's hook (BCP copies the student into its teacher)."""
+        i = self.stages.index(stage)
+        if i > 0 and stage.start_from == "best":
+            prev = self.stages[i - 1].name
+            path = self.out / "checkpoints" / f"best-{prev}.pt"
+            ck = ckpt_io.load(path)
+            self.model.load_state_dict(ck["model"])
+            if not stage.fresh_optimizer:
+                self.optimizer.load_state_dict(ck["optimizer"])
+            self.note(f"stage '{stage.name}' starts from the best '{prev}' checkpoint (step {ck['iteration']}, "
+                      f"validation Dice {self.stage_best.get(prev, float('nan')):.4f} on split "
+                      f"'{self.val_split}'){self._val_is_test()}")
+        if i > 0 and stage.fresh_optimizer:
+            self.optimizer = self._optimizer()
+        self.algo.on_stage_start(stage, self.model, self._ctx(self.iteration))
+
+    @property
+    def val_split(self) -> str:
+        return self.cfg.val_split or self.data.val_split
+
+    def _val_is_test(self) -> str:
+        if self.val_split != "test" and "test" in self.data.split_names():
+            ids = {c.name for c in self.data.cases(self.val_split)}
+            if ids != {c.name for c in self.data.cases("test")}:
+                return ""
+        return "; this dataset's validation split is its test split, so the choice has seen the test cases"
+
+    def note(self, text: str) -> None:
+        """A line for the user: printed (unless quiet) and kept in summary.json."""
+        self.notes.append(text)
+        if self.dist.is_main and not self.quiet:
+            print(f"note: {text}")
+
     def train_step(self, batch: dict[str, torch.Tensor], it: int) -> dict[str, float]:
         c = self.cfg
-        lr = learning_rate(c.schedule, self.base_lr, it, self.total, c.warmup, c.poly_total)
+        lr = self.lr_at(it)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         ctx = self._ctx(it)
@@ -298,8 +352,7 @@ class Trainer:
         return {"loss": float(loss.detach()), "lr": lr, **terms, **result.logs}
 
     def validate(self) -> dict[str, Any]:
-        split = self.cfg.val_split or self.data.val_split
-        return validate(self.model, self.data, split, self.device, max_cases=self.cfg.val_max_cases)
+        return validate(self.model, self.data, self.val_split, self.device, max_cases=self.cfg.val_max_cases)
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         try:
@@ -330,7 +383,7 @@ class Trainer:
                     if start_stage != stage.name:
                         start_stage = stage.name
                         if sit == 0:
-                            self.algo.on_stage_start(stage, self.model, self._ctx(self.iteration))
+                            self.start_stage(stage)
                     loader = iter(self._loaders(self.iteration, stage_end))
                     t_wait = time.perf_counter()
                     for batch in loader:
@@ -344,7 +397,8 @@ class Trainer:
                         row["step_ms"] = 1000 * (time.perf_counter() - t0)
                         log.step(self.iteration, row, log_row=self.iteration % c.log_every == 0
                                  or self.iteration == self.total)
-                        if self.iteration % c.val_every == 0 or self.iteration == self.total:
+                        # every stage ends with a validation, so the next one can start from its best checkpoint
+                        if self.iteration % c.val_every == 0 or self.iteration == stage_end:
                             self._validate_and_save(log)
                         t_wait = time.perf_counter()
         except KeyboardInterrupt:
@@ -358,7 +412,7 @@ class Trainer:
                 signal.signal(signal.SIGTERM, prev_handler)
         summary = {"iteration": self.iteration, "total": self.total, "interrupted": interrupted,
                    "best": self.best, "last": self.last_val if hasattr(self, "last_val") else None,
-                   "out": str(self.out)}
+                   "out": str(self.out), "notes": self.notes}
         if self.dist.is_main and not interrupted:
             from semiseg.engine.progress import plot_curves
 
@@ -374,6 +428,10 @@ class Trainer:
             if res["dice"] > self.best["dice"]:
                 self.best = {"dice": res["dice"], "iteration": self.iteration}
                 self.save("best")
+            stage, _ = self._stage_at(self.iteration - 1)  # the stage of the step just taken
+            if len(self.stages) > 1 and res["dice"] > self.stage_best.get(stage.name, -1.0):
+                self.stage_best[stage.name] = res["dice"]
+                self.save(f"best-{stage.name}")
         self.save("last")
         dist_utils.barrier(self.dist)
 

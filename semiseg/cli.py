@@ -211,10 +211,12 @@ def _relaunch_torchrun(nproc: int) -> None:
 @click.option("--data-root", help="Where the data lives now, if it moved since training.")
 @click.option("--out", help="Report directory (default RUN/eval).")
 @click.option("--save-pred", type=click.Choice(["nifti", "h5", "none"]), default="nifti", show_default=True)
-@click.option("--empty", type=click.Choice(["nan", "zero"]), default="nan", show_default=True,
-              help="Empty-mask policy: nan excludes HD95/ASD of one-sided empty masks; zero scores them 0.")
+@click.option("--empty", type=click.Choice(["nan", "zero", "penalize"]), default="nan", show_default=True,
+              help="One-sided empty masks: nan leaves their HD95/ASD out (counted as missing); zero scores "
+                   "everything 0; penalize scores Dice 0 and HD95/ASD the image diagonal.")
 @click.option("--spacing", type=click.Choice(["voxel", "mm"]), default="voxel", show_default=True)
-@click.option("--stride", help="Sliding-window stride for 3D, e.g. 18,18,4 (the official LA test).")
+@click.option("--stride", help="Sliding-window stride for 3D, e.g. 18,18,4 (default: the dataset's official "
+                                "test stride, 18,18,4 on LA; else half the patch).")
 @click.option("--max-cases", type=int, help="Evaluate only the first N cases.")
 @click.option("--device", default="auto", show_default=True)
 def eval_cmd(run: str, split: str, which: str, data_root: str | None, out: str | None, save_pred: str,
@@ -226,8 +228,14 @@ def eval_cmd(run: str, split: str, which: str, data_root: str | None, out: str |
     s = evaluate_run(run, split=split, data_root=data_root, out=out, which=which, device=device,
                      save_pred=None if save_pred == "none" else save_pred, empty=empty, spacing=spacing,
                      max_cases=max_cases, stride=st)
-    t = Table(title=f"{s['checkpoint']} (step {s['iteration']}) on {split}: {s['num_cases']} cases")
-    for col in ("class", "dice", "jaccard", "hd95", "asd"):
+    unit = "mm" if spacing == "mm" else "vox"
+    stride_text = f", stride {','.join(map(str, s['stride']))}" if s.get("stride") else ""
+    t = Table(title=f"split '{split}', {s['checkpoint_rule']} checkpoint (step {s['iteration']}, {s['checkpoint']}): "
+                    f"{s['num_cases']} cases{stride_text}",
+              caption=f"HD95 and ASD: medpy's definitions, in {unit} (ASD: prediction to ground truth). "
+                      f"Empty masks: {empty}" + ("; '(k missing)': values left out of that mean"
+                                                 if empty == "nan" else ""))
+    for col in ("class", "dice", "jaccard", f"hd95 ({unit})", f"asd ({unit})"):
         t.add_column(col, justify="right" if col != "class" else "left")
     names = s.get("class_names") or []
     rows = [(names[int(c) - 1] if 0 < int(c) <= len(names) else c, st) for c, st in s["per_class"].items()]
@@ -240,10 +248,11 @@ def eval_cmd(run: str, split: str, which: str, data_root: str | None, out: str |
 
 def _fmt(stat: Any) -> str:
     if isinstance(stat, dict):
-        mean, std = stat.get("mean"), stat.get("std")
+        mean, std, missing = stat.get("mean"), stat.get("std"), stat.get("missing") or 0
+        gap = f" ({missing} missing)" if missing else ""
         if mean is None or mean != mean:  # None in JSON, NaN in memory
-            return "-"
-        return f"{mean:.4f} ± {std:.4f}" if std is not None and std == std else f"{mean:.4f}"
+            return "-" + gap
+        return (f"{mean:.4f} ± {std:.4f}" if std is not None and std == std else f"{mean:.4f}") + gap
     return "-" if stat is None else f"{stat:.4f}"
 
 

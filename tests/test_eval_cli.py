@@ -91,7 +91,7 @@ def test_eval_writes_the_report(run2d):
     assert res.exit_code == 0, res.output
     out = run / "eval"
     assert f"report: {out}" in flat(res.stderr)
-    assert "last.pt (step 4) on val: 3 cases" in flat(res.stdout)
+    assert "split 'val', last checkpoint (step 4, " in flat(res.stdout) and "last.pt): 3 cases" in flat(res.stdout)
     table = [line for line in res.stdout.splitlines() if line.startswith("│")]
     assert [row.split("│")[1].strip() for row in table] in (["1", "2", "3", "mean"],
                                                            ["crescent", "wall", "core", "mean"])
@@ -155,7 +155,8 @@ def test_eval_best_checkpoint_and_h5_predictions(run2d, tmp_path):
     assert best in (2, 4)
     res = invoke("eval", run, "--split", "test", "--checkpoint", "best", "--save-pred", "h5", "--out", tmp_path)
     assert res.exit_code == 0, res.output
-    assert f"best.pt (step {best}) on test: 3 cases" in flat(res.stdout)
+    assert f"split 'test', best checkpoint (step {best}, " in flat(res.stdout)
+    assert "best.pt): 3 cases" in flat(res.stdout)
     files = sorted(p.name for p in (tmp_path / "pred").iterdir())
     assert files == ["test_0000.h5", "test_0001.h5", "test_0002.h5"]
     with h5py.File(tmp_path / "pred" / files[0], "r") as f:

@@ -213,6 +213,22 @@ def markdown_table(rows: Sequence[dict[str, Any]], class_names: dict[str, str] |
     return "\n".join(lines) + "\n"
 
 
+def evaluation_rule(rows: Sequence[dict[str, Any]]) -> str:
+    """Which split and checkpoint the rows' numbers come from, and how many surface distances they leave out."""
+    splits = sorted({str(r.get("eval_split") or "?") for r in rows})
+    ckpts = sorted({str(r.get("eval_checkpoint") or "last") for r in rows})  # rows before the column: last
+    empties = sorted({str(r.get("eval_empty")) for r in rows if r.get("eval_empty")})
+    text = f"split {', '.join(splits)}, {', '.join(ckpts)} checkpoint"
+    if empties:
+        text += f", empty masks: {', '.join(empties)}"
+    missing = [f"{r['algo']} seed {r['seed']}: {int(to_float(r['hd95_missing']))}" for r in rows
+               if math.isfinite(to_float(r.get("hd95_missing"))) and to_float(r.get("hd95_missing")) > 0]
+    if missing:
+        text += ("; HD95/ASD means leave out the values of one-sided empty masks (" + "; ".join(missing)
+                 + " class-case values)")
+    return text
+
+
 def write_markdown(path: str | Path, rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = (),
                    class_names: dict[str, str] | None = None) -> None:
     """``results.md``: a title, the summary table, then provenance (commands, machines, dates) and notes."""
@@ -224,8 +240,11 @@ def write_markdown(path: str | Path, rows: Sequence[dict[str, Any]], title: str,
     for note in notes:
         text += [note, ""]
     text += [markdown_table(rows, class_names)]
-    text.append("Mean ± sample std over seeds (no ± with one seed); best mean per column and labeled split in "
-                "**bold**. Dice and Jaccard in %, HD95 and ASD in voxels, last checkpoint. ms/iter as in the "
+    text.append(f"Evaluated: {evaluation_rule(rows)}. "
+                "Mean ± sample std over seeds (no ± with one seed); best mean per column and labeled split in "
+                "**bold**. Dice and Jaccard in %, HD95 and ASD in voxels with medpy's definitions (HD95: 95th "
+                "percentile of both directed surface distances pooled; ASD: prediction surface to ground truth). "
+                "ms/iter as in the "
                 "CrossMatch paper's Table III: batch to device, every forward, backward; no optimizer step. "
                 "peak MB: peak memory of those timed steps above the memory in use before them. Params and "
                 "GMACs: one backbone forward on the preset's batch and patch (thop's unit, Table III's "

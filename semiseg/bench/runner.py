@@ -231,8 +231,10 @@ def run_one(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: 
     curve = _val_curve(run_dir / "metrics.jsonl")
 
     row: dict[str, Any] = dict(zip(res.KEY, spec.key(preset.name)))
-    row.update(eval_split=preset.eval_split, mean_dice=ev["mean_dice"], mean_jaccard=ev["mean_jaccard"],
-               mean_hd95=ev["mean_hd95"], mean_asd=ev["mean_asd"])
+    row.update(eval_split=preset.eval_split, eval_checkpoint="last", eval_empty=ev["empty_policy"],
+               mean_dice=ev["mean_dice"], mean_jaccard=ev["mean_jaccard"], mean_hd95=ev["mean_hd95"],
+               mean_asd=ev["mean_asd"], hd95_missing=ev["overall"]["hd95"]["missing"],
+               asd_missing=ev["overall"]["asd"]["missing"])
     names = ev.get("class_names") or []
     for c, st in sorted(ev["per_class"].items(), key=lambda kv: int(kv[0])):
         k = int(c) - 1  # per_class is keyed by class index 1..C-1; class_names lists the foreground classes

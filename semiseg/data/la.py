@@ -159,6 +159,8 @@ def la(
         class_names=list(CLASS_NAMES),
         info={
             "evaluation": "per volume; val is the test list (upstream protocol)",
+            # the official LA test's sliding-window stride (UA-MT, BCP and CrossMatch test scripts)
+            "eval_stride": (18, 18, 4),
             "spacing": sp,
             "n_labeled": len(lab_ids),
             "n_unlabeled": len(unl_ids),

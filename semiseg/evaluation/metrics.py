@@ -37,6 +37,12 @@ Empty-mask policy (medpy raises on an empty mask for hd95/asd; published scripts
 ``empty="zero"`` (BCP's ACDC and LA test scripts, the usual LA convention):
     * any empty mask (prediction, ground truth or both) -> dice 0, jaccard 0, hd95 0, asd 0. BCP only
       defines the empty-prediction case; an empty ground truth (medpy would raise) is treated the same way.
+``empty="penalize"`` (no value is ever missing, and a miss is never rewarded):
+    * both empty -> dice 1, jaccard 1, hd95 0, asd 0;
+    * only one empty (a missed structure, or one predicted where there is none) -> dice 0, jaccard 0, and
+      hd95 = asd = the largest distance in the image, its diagonal ``sqrt(sum(((shape - 1) * spacing)^2))``.
+      A model that predicts nothing then gets the worst distances rather than a mean over the few cases it
+      did segment.
 The bare functions :func:`dice` and :func:`jaccard` return 1 when both masks are empty (medpy ``jc`` does;
 medpy ``dc`` means to but, with numpy >= 2, returns NaN with a warning); :func:`hd95` and
 :func:`asd` follow the ``empty`` argument they are given (default ``"nan"``). Nothing here raises on
@@ -54,7 +60,9 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
-EMPTY_POLICIES = ("nan", "zero")
+EMPTY_POLICIES = ("nan", "zero", "penalize")
+METRIC_DEFINITIONS = ("medpy.metric.binary: dc, jc, hd95 (95th percentile of both directed surface distances "
+                      "pooled), asd (mean distance from the prediction's surface to the ground truth's)")
 
 Spacing = float | Sequence[float] | None
 
@@ -198,9 +206,19 @@ def _surface_metrics(p: np.ndarray, g: np.ndarray, spacing: Spacing, empty: str)
     if pe or ge:
         if empty == "zero" or (pe and ge):
             return 0.0, 0.0
+        if empty == "penalize":
+            worst = image_diagonal(p.shape, spacing)
+            return worst, worst
         return math.nan, math.nan
     d_pg, d_gp = surface_distances(p, g, spacing)
     return float(np.percentile(np.hstack((d_pg, d_gp)), 95)), float(np.mean(d_pg))
+
+
+def image_diagonal(shape: Sequence[int], spacing: Spacing = None) -> float:
+    """The largest distance between two voxels of an image: its diagonal, in voxels or in ``spacing`` units."""
+    sp = _spacing(spacing, len(shape))
+    steps = np.asarray(shape, dtype=np.float64) - 1
+    return float(np.sqrt(np.sum((steps * (1.0 if sp is None else sp)) ** 2)))
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None, empty: str = "nan") -> float:

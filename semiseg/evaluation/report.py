@@ -150,13 +150,15 @@ def evaluate_cases(
     save_pred: str | None = "nifti",
     montage: int = 4,
     class_names: Sequence[str] | None = None,
+    about: dict[str, Any] | None = None,
 ) -> dict:
     """Predict every case with ``predict_fn(case.image) -> labels``, score it and optionally write a report.
 
     ``spacing_mode="voxel"`` gives distances in voxels (the published protocols); ``"mm"`` uses each case's
     spacing (an error when a case has none). ``empty`` is the empty-mask policy (``"nan"`` or ``"zero"``).
     Cases without a label are predicted (and saved) but not scored. ``save_pred`` and ``montage`` (number of
-    cases shown, spread over the list; 0 for none) only apply with ``out_dir``.
+    cases shown, spread over the list; 0 for none) only apply with ``out_dir``. ``about`` (split, checkpoint
+    rule...) is stored with the numbers, in the result and in ``summary.json``.
 
     Returns :func:`semiseg.evaluation.metrics.summarize` of the scored cases (``mean_dice``, ``mean_hd95``,
     ``per_class``, ``overall``, ``empty`` counts...) plus ``rows`` (the CSV rows), the settings used and the
@@ -220,6 +222,7 @@ def evaluate_cases(
         cases_without_label=unlabeled,
         predict_seconds=seconds,
         predict_seconds_per_case=seconds / len(cases) if cases else math.nan,
+        **(about or {}),
     )
     if out is not None:
         with open(out / "cases.csv", "w", newline="") as f:

@@ -14,6 +14,7 @@ from semiseg.engine import checkpoint as ckpt_io
 from semiseg.engine.config import TrainConfig
 from semiseg.engine.perf import to_channels_last, use_channels_last
 from semiseg.errors import ConfigError, DataError
+from semiseg.evaluation.metrics import METRIC_DEFINITIONS
 from semiseg.evaluation.protocol import foreground_names, predictor
 from semiseg.evaluation.report import evaluate_cases, save_prediction
 
@@ -55,13 +56,18 @@ def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = 
     cases = data.cases(split)
     if max_cases:
         cases = cases[:max_cases]
+    if stride is None and data.info.get("eval_stride") is not None:
+        stride = tuple(int(s) for s in data.info["eval_stride"])  # the dataset's official test stride
     predict = predictor(model, data.dim, data.patch_size, data.num_classes, dev, mode="test", stride=stride)
     out_dir = Path(out) if out else (ck_path.parent.parent / "eval" if ck_path.parent.name == "checkpoints"
                                      else ck_path.parent / "eval")
+    # what the numbers mean travels with them (the printed table and summary.json name each)
+    about = {"split": split, "checkpoint_rule": which if Path(path).is_dir() else "file",
+             "checkpoint": str(ck_path), "iteration": ck["iteration"],
+             "stride": list(stride) if stride is not None else None, "metric_definitions": METRIC_DEFINITIONS}
     summary = evaluate_cases(predict, cases, data.num_classes, spacing_mode=spacing, empty=empty, out_dir=out_dir,
-                             save_pred=save_pred, montage=montage, class_names=foreground_names(data))
-    summary.update({"checkpoint": str(ck_path), "iteration": ck["iteration"], "split": split,
-                    "out_dir": str(out_dir)})
+                             save_pred=save_pred, montage=montage, class_names=foreground_names(data), about=about)
+    summary["out_dir"] = str(out_dir)
     return summary
 
 

@@ -1,5 +1,5 @@
 """BCP, bidirectional copy-paste (Bai et al., CVPR 2023), as the official code does it
-(BCP ``ACDC_BCP_train.py``, ``LA_BCP_train.py``, ``utils/BCP_utils.py``; ALGORITHMS.md section 5).
+(BCP ``ACDC_BCP_train.py``, ``LA_BCP_train.py``, ``utils/BCP_utils.py``; docs/algorithms.md, "bcp").
 
 One mask per iteration, shared by the batch: M = 1 everywhere but a box of 2/3 of each dimension.
 

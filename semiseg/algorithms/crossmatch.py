@@ -1,6 +1,6 @@
 """CrossMatch (Zhao et al., IEEE JBHI 2025): knowledge distillation between image- and feature-perturbed streams.
 
-Follows the official code at its current head (ALGORITHMS.md section 6). The weak view u_w is the teacher.
+Follows the official code at its current head (docs/algorithms.md, "crossmatch"). The weak view u_w is the teacher.
 Its hard pseudo-label T_w (with the mix partner's prediction inside each CutMix box: T1, T2) supervises the two
 strong views (image-level perturbation, L_ip) and four feature-perturbed students: weak and strong channel
 dropout of u_w and of s2 (teacher-to-student distillation, L_tkd). The feature-perturbed weak streams are

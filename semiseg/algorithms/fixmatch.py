@@ -1,4 +1,4 @@
-"""FixMatch (Sohn et al., NeurIPS 2020) in the medical form of the UniMatch code base (ALGORITHMS.md section 2).
+"""FixMatch (Sohn et al., NeurIPS 2020) in the medical form of the UniMatch code base (docs/algorithms.md, "fixmatch").
 
 A no-grad teacher in eval mode predicts the mix partner; the weak view's hard pseudo-label, with the mix
 partner's prediction inside the CutMix box, supervises the strong CutMixed view through Dice with pixels below

@@ -1,4 +1,4 @@
-"""Algorithms as stream graphs (DESIGN.md, "Algorithms as stream graphs").
+"""Algorithms as stream graphs (docs/design.md, "Algorithms as stream graphs").
 
 A *stream* is one prediction: an image view through the encoder, an optional feature perturbation, and the
 decoder. An *edge* says that a teacher stream (or the ground truth) supervises a student stream. The executor

@@ -1,4 +1,4 @@
-"""Segmentation losses as the official code computes them (see ALGORITHMS.md, "Losses")."""
+"""Segmentation losses as the official code computes them (docs/algorithms.md)."""
 
 from __future__ import annotations
 

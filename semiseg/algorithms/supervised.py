@@ -1,4 +1,4 @@
-"""Supervised baseline: labeled images only, L_sup = (CE + Dice) / 2 (ALGORITHMS.md section 1)."""
+"""Supervised baseline: labeled images only, L_sup = (CE + Dice) / 2 (docs/algorithms.md, "supervised")."""
 
 from semiseg.algorithms.base import OFFICIAL_SGD, Recipe
 from semiseg.algorithms.graph import Edge, GraphAlgorithm, Stream

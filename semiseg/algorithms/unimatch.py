@@ -1,10 +1,10 @@
-"""UniMatch (Yang et al., CVPR 2023), medical branch of the official code (ALGORITHMS.md section 3).
+"""UniMatch (Yang et al., CVPR 2023), medical branch of the official code (docs/algorithms.md, "unimatch").
 
 Two strong CutMixed views and one feature-perturbed weak stream (channel dropout 0.5 on every encoder level)
 learn from the weak view's hard pseudo-label:
 L = (L_sup + 0.25 D(P_s1, pl_1) + 0.25 D(P_s2, pl_2) + 0.5 D(P_w_fp, pl_w)) / 2, D = Dice with pixels of
 confidence < 0.95 ignored. The official decoder also computes an unused perturbed copy of the labeled batch; we
-skip that pass (it only shifts BatchNorm statistics), see ALGORITHMS.md and the stream-graph note in graph.py.
+skip that pass (it only shifts BatchNorm statistics), see docs/algorithms.md and the stream-graph note in graph.py.
 """
 
 from semiseg.algorithms.base import OFFICIAL_SGD, Recipe

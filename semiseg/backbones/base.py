@@ -1,4 +1,4 @@
-"""The one interface every backbone keeps (see DESIGN.md).
+"""The one interface every backbone keeps (docs/design.md, "Backbones: encode / decode").
 
     features = backbone.encode(x)        # list of tensors, deepest last (skips included)
     logits   = backbone.decode(features) # same spatial size as x

@@ -64,7 +64,7 @@ TRAIN_FLAGS = {
     "weight_decay": "weight_decay", "amp": "amp", "clip_grad": "clip_grad", "seed": "seed", "device": "device",
     "out": "out", "val_every": "val_every", "log_every": "log_every", "workers": "workers", "policy": "policy",
     "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn", "val_split": "val_split",
-    "poly_total": "poly_total", "ema_decay": "ema_decay", "recipe": "recipe",
+    "poly_total": "poly_total", "ema_decay": "ema_decay", "recipe": "recipe", "diagnostics": "diagnostics",
 }
 
 
@@ -111,6 +111,9 @@ TRAIN_FLAGS = {
 @click.option("--val-split", help="Split used for validation (default: the dataset's).")
 @click.option("--ema-decay", type=float, help="Override the EMA teacher decay.")
 @click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--diagnostics/--no-diagnostics", default=False, show_default=True,
+              help="Log each pseudo-label edge's accuracy against the unlabeled images' true labels (where the "
+                   "data has them; never used by a loss).")
 @click.option("--out", help="Run directory (default runs/<algo>-<data>-s<seed>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt.")
 @click.option("--plugin", "plugins", multiple=True, help="Load a plugin: path/to/file.py or a module name.")

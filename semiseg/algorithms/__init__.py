@@ -10,7 +10,8 @@ from semiseg.algorithms import (  # noqa: F401
     uamt,
     unimatch,
 )
-from semiseg.algorithms.base import Algorithm, Stage, StepContext, StepResult
+from semiseg.algorithms.base import Algorithm, PseudoLabel, Recipe, Stage, StepContext, StepResult
 from semiseg.algorithms.graph import Edge, GraphAlgorithm, MixView, Stream
 
-__all__ = ["Algorithm", "Edge", "GraphAlgorithm", "MixView", "Stage", "StepContext", "StepResult", "Stream"]
+__all__ = ["Algorithm", "Edge", "GraphAlgorithm", "MixView", "PseudoLabel", "Recipe", "Stage", "StepContext",
+           "StepResult", "Stream"]

@@ -7,6 +7,7 @@ the loader or the logger: the engine moves the batch, sums the terms, steps, log
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +70,24 @@ class StepContext:
 
 
 @dataclass
+class PseudoLabel:
+    """A hard target that unlabeled pixels were trained towards, reported for the pseudo-label diagnostics.
+
+    ``keep`` marks the pixels that entered the loss (None: all). ``truth`` rebuilds the true label of those
+    pixels from the true labels of the raw unlabeled views (``u_y`` for ``u_w`` and its strong views,
+    ``u_y_mix`` for the mix partner); the engine calls it after the step, so an algorithm never sees them.
+    """
+
+    label: torch.Tensor  # (B, *S)
+    keep: torch.Tensor | None  # (B, *S) bool
+    truth: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
 class StepResult:
     losses: dict[str, torch.Tensor]  # weighted terms; the engine backpropagates their sum
     logs: dict[str, float] = field(default_factory=dict)  # extra scalars: raw losses, mask ratios...
+    pseudo_labels: dict[str, PseudoLabel] = field(default_factory=dict)  # per edge, for the diagnostics
 
 
 class Algorithm(ABC):

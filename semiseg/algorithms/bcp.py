@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, Recipe, Stage, StepContext, StepResult
+from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, PseudoLabel, Recipe, Stage, StepContext, StepResult
 from semiseg.algorithms.losses import dice_loss
-from semiseg.algorithms.meanteacher import require_teacher, train_mode
+from semiseg.algorithms.meanteacher import require_teacher, train_mode, unlabeled_truth
 from semiseg.augment.mixing import bcp_mask, copy_paste
 from semiseg.errors import ConfigError
 from semiseg.registry import register_algorithm
@@ -239,4 +239,8 @@ class BCP(Algorithm):
         d_in, c_in = self.mix_loss(out_in, p_a, y_a, m, self.u_weight, 1.0)
         d_out, c_out = self.mix_loss(out_out, y_b, p_b, m, 1.0, self.u_weight)
         logs = {"loss/dice": float((d_in + d_out).detach()), "loss/ce": float((c_in + c_out).detach())}
-        return StepResult({"mix_in": (d_in + c_in) / 2, "mix_out": (d_out + c_out) / 2}, logs)
+        # the teacher's pseudo-labels of u_a and u_b, on the pixels each mixed image takes from them
+        keep = torch.cat([m.expand_as(p_a), 1 - m.expand_as(p_b)]).bool()
+        target = PseudoLabel(torch.cat([p_a, p_b]), keep, unlabeled_truth)
+        return StepResult({"mix_in": (d_in + c_in) / 2, "mix_out": (d_out + c_out) / 2}, logs,
+                          {"pseudo": target})

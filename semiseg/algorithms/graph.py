@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import Algorithm, StepContext, StepResult
+from semiseg.algorithms.base import Algorithm, PseudoLabel, StepContext, StepResult
 from semiseg.algorithms.losses import ce_loss, dice_loss, kl_loss, masked_mse, supervised_loss
 from semiseg.algorithms.perturbations import parse_perturbation
-from semiseg.augment.mixing import cutmix
+from semiseg.augment.mixing import cutmix, cutmix_target
 from semiseg.errors import ConfigError
 
 Threshold = float | Callable[[StepContext], float] | None
@@ -188,6 +188,7 @@ class GraphAlgorithm(Algorithm):
         cache: dict[tuple, Target] = {}
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
+        pseudo: dict[str, PseudoLabel] = {}
         for e in self.edges:
             student = logits[e.student]
             if e.teacher == "y":
@@ -201,6 +202,8 @@ class GraphAlgorithm(Algorithm):
                 t = cache[k]
                 tau = e.threshold(ctx) if callable(e.threshold) else e.threshold
                 ignore = None if tau is None else (t.conf < tau)
+                pseudo[e.key] = PseudoLabel(t.label, None if ignore is None else ~ignore,
+                                            self._target_truth(e, batch))
                 if ignore is not None:
                     logs[f"mask/{e.key}"] = float(1 - ignore.float().mean())
                 if e.loss == "dice":
@@ -214,7 +217,33 @@ class GraphAlgorithm(Algorithm):
                     raw = kl_loss(student, t.probs, ignore)
             losses[e.key] = e.weight * raw
             logs[f"loss/{e.key}"] = float(raw.detach())
-        return StepResult(losses, logs)
+        return StepResult(losses, logs, pseudo)
+
+    def view_truth(self, view: str, truth: dict[str, torch.Tensor],
+                   batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The true label map of a view: the raw unlabeled views' labels, CutMixed like the view."""
+        for v in self.views:
+            if v.name == view:
+                return cutmix_target(self.view_truth(v.base, truth, batch), self.view_truth(v.partner, truth, batch),
+                                     batch[v.box])
+        if view == "x":
+            return batch["y"]
+        return truth["u_y_mix" if view.endswith("_mix") else "u_y"]
+
+    def _target_truth(self, e: Edge, batch: dict[str, torch.Tensor]):
+        """What the target of edge ``e`` should have been: the teacher's view's true labels, with the mix
+        teacher's inside the box."""
+        by_name = {s.name: s for s in self.streams}
+        teacher, mix = by_name[e.teacher].view, by_name[e.mix_teacher].view if e.mix_teacher else None
+        box = batch[e.box] if e.box else None
+
+        def truth(t: dict[str, torch.Tensor]) -> torch.Tensor:
+            label = self.view_truth(teacher, t, batch)
+            if mix is None:
+                return label
+            return cutmix_target(label, self.view_truth(mix, t, batch), box)
+
+        return truth
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepResult:
         logits = self.run_streams(model, batch, ctx)

@@ -21,11 +21,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, Recipe, StepContext, StepResult
+from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, PseudoLabel, Recipe, StepContext, StepResult
 from semiseg.algorithms.losses import masked_mse, supervised_loss
 from semiseg.errors import ConfigError, TrainingError
 from semiseg.registry import register_algorithm
 from semiseg.schedules import sigmoid_rampup
+
+
+def unlabeled_truth(truth: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The true labels of the weak unlabeled view ``u_w`` (teacher targets of the teacher methods)."""
+    return truth["u_y"]
 
 
 @contextmanager
@@ -94,11 +99,12 @@ class MeanTeacher(Algorithm):
         return u + gaussian_noise(u, self.noise_std, self.noise_clip)
 
     def consistency_loss(self, p_student: torch.Tensor, u: torch.Tensor, teacher: nn.Module,
-                         ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        """Plain MT: mean squared difference of the softmaxes (SSL4MIS ``torch.mean((p_s - p_t)**2)``)."""
+                         ctx: StepContext) -> tuple[torch.Tensor, dict[str, float], PseudoLabel]:
+        """Plain MT: mean squared difference of the softmaxes (SSL4MIS ``torch.mean((p_s - p_t)**2)``).
+        Also returns the teacher's argmax as the (soft) target's pseudo-label, for the diagnostics."""
         with torch.no_grad(), train_mode(teacher):
             p_teacher = teacher(self.noisy(u)).float().softmax(1)
-        return masked_mse(p_student, p_teacher), {}
+        return masked_mse(p_student, p_teacher), {}, PseudoLabel(p_teacher.argmax(1), None, unlabeled_truth)
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepResult:
         teacher = require_teacher(ctx, self.name)
@@ -107,8 +113,8 @@ class MeanTeacher(Algorithm):
         # one student pass over labeled + unlabeled, as the official code (BatchNorm sees both)
         logits = model(torch.cat([x, u]))
         sup = supervised_loss(logits[:b], y, classes=self.dice_classes)
-        con, logs = self.consistency_loss(logits[b:].float().softmax(1), u, teacher, ctx)
+        con, logs, target = self.consistency_loss(logits[b:].float().softmax(1), u, teacher, ctx)
         w = self.consistency_weight(ctx.iteration)
         logs.update({"loss/sup": float(sup.detach()), "loss/consistency": float(con.detach()),
                      "consistency_weight": w})
-        return StepResult({"sup": sup, "consistency": w * con}, logs)
+        return StepResult({"sup": sup, "consistency": w * con}, logs, {"consistency": target})

@@ -25,9 +25,9 @@ import math
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import OFFICIAL_SGD, Recipe, StepContext
+from semiseg.algorithms.base import OFFICIAL_SGD, PseudoLabel, Recipe, StepContext
 from semiseg.algorithms.losses import masked_mse
-from semiseg.algorithms.meanteacher import MeanTeacher, train_mode
+from semiseg.algorithms.meanteacher import MeanTeacher, train_mode, unlabeled_truth
 from semiseg.errors import ConfigError
 from semiseg.registry import register_algorithm
 from semiseg.schedules import sigmoid_rampup
@@ -82,11 +82,13 @@ class UAMT(MeanTeacher):
         return entropy(mean)
 
     def consistency_loss(self, p_student: torch.Tensor, u: torch.Tensor, teacher: nn.Module,
-                         ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+                         ctx: StepContext) -> tuple[torch.Tensor, dict[str, float], PseudoLabel]:
         with torch.no_grad(), train_mode(teacher):
             p_teacher = teacher(self.noisy(u)).float().softmax(1)
             unc = self.uncertainty(teacher, u)
         thr = self.threshold(ctx.iteration, ctx.total_iterations)
         mask = (unc < thr).float()
-        return masked_mse(p_student, p_teacher, mask), {"mask_ratio": float(mask.mean()), "threshold": thr,
-                                                        "uncertainty": float(unc.mean())}
+        logs = {"mask_ratio": float(mask.mean()), "threshold": thr, "uncertainty": float(unc.mean())}
+        # the certainty mask (B, 1, *S) says which pixels the consistency keeps
+        target = PseudoLabel(p_teacher.argmax(1), mask[:, 0].bool(), unlabeled_truth)
+        return masked_mse(p_student, p_teacher, mask), logs, target

@@ -9,7 +9,10 @@ returns arrays of exactly ``patch_size``:
 * ``weak_unlabeled(image, rng)``  -> image: the same geometric pipeline for an unlabeled item;
 * ``strong(image, rng)``          -> image: intensity-only perturbation of a weak view (geometry preserved, so
                                      weak and strong views stay aligned);
-* ``cutmix_box(rng)``             -> uint8 mask of ``patch_size`` (all zeros with the policy's probability).
+* ``cutmix_box(rng)``             -> uint8 mask of ``patch_size`` (all zeros with the policy's probability);
+* ``weak_unlabeled_pair(image, label, rng)`` -> (image, label) or None: ``weak_unlabeled`` carrying a label
+  through the same geometry (the image equal to ``weak_unlabeled``'s for the same rng), used only by the
+  pseudo-label diagnostics; None (the default) when a policy cannot.
 
 ``rng`` is a ``numpy.random.Generator``; a policy must draw all randomness from it (and seed any library it
 calls from it) so that a sample is a pure function of its seed. That is what makes CPU runs repeatable and
@@ -45,3 +48,9 @@ class Policy(ABC):
     @abstractmethod
     def cutmix_box(self, rng: np.random.Generator) -> np.ndarray:
         """uint8 CutMix mask of ``patch_size`` (all zeros with the policy's probability)."""
+
+    def weak_unlabeled_pair(self, image: np.ndarray, label: np.ndarray,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+        """``weak_unlabeled`` that also moves ``label`` through the same geometry (diagnostics only); None when
+        the policy cannot, which turns the diagnostics off."""
+        return None

@@ -134,11 +134,21 @@ class Medical2D(Policy):
         return image, label
 
     def weak_unlabeled(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        _check(image, None)
-        image, _ = self._geometric(image, None, rng)
+        return self._unlabeled(image, None, rng)[0]
+
+    def weak_unlabeled_pair(self, image: np.ndarray, label: np.ndarray,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self._unlabeled(image, label, rng)
+        assert label is not None
+        return image, label
+
+    def _unlabeled(self, image: np.ndarray, label: np.ndarray | None,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        _check(image, label)
+        image, label = self._geometric(image, label, rng)
         if self.quantize:
             image = _to_uint8(image, floor=True).astype(np.float32) / np.float32(255.0)
-        return image
+        return image, label
 
     def _geometric(
         self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator

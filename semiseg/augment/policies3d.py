@@ -120,6 +120,10 @@ class Medical3D(Policy):
         image, _ = self._geometric(image, None, rng)
         return image
 
+    def weak_unlabeled_pair(self, image: np.ndarray, label: np.ndarray,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return self.weak(image, label, rng)  # the unlabeled pipeline is the labeled one
+
     def _geometric(
         self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray | None]:

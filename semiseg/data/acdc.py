@@ -195,6 +195,7 @@ def acdc(
         patch_size=tuple(int(p) for p in (patch_size or (256, 256))),
         labeled=LazyItems(lab_keys, H5Slices(data_dir, with_label=True)),
         unlabeled=LazyItems(unl_keys, H5Slices(data_dir, with_label=False)),
+        unlabeled_truth=LazyItems(unl_keys, H5Slices(data_dir, with_label=True)),
         splits={
             "val": _cases(data_dir, val_ids),
             "test": _cases(data_dir, test_ids),

@@ -69,6 +69,9 @@ class SegData:
     class_names: list[str] | None = None
     val_split: str = "val"
     info: dict[str, Any] = field(default_factory=dict)
+    # The unlabeled items with the labels training never sees ((image, label), same order as ``unlabeled``),
+    # where the files hold them; read only by the pseudo-label diagnostics, never by a loss.
+    unlabeled_truth: Sequence | None = None
 
     def cases(self, split: str) -> list[Case]:
         from semiseg.errors import ConfigError

@@ -154,6 +154,7 @@ def la(
         patch_size=patch,
         labeled=LazyItems(lab_ids, H5Volumes(root_p, True, CACHED_VOLUMES)),
         unlabeled=LazyItems(unl_ids, H5Volumes(root_p, False, 0)),
+        unlabeled_truth=LazyItems(unl_ids, H5Volumes(root_p, True, 0)),
         splits={"val": _cases(root_p, test_ids, sp), "test": _cases(root_p, test_ids, sp)},
         policy="medical3d",
         class_names=list(CLASS_NAMES),

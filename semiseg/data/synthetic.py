@@ -238,6 +238,7 @@ def synthetic(
         patch_size=patch,
         labeled=LazyItems(idx[:n_lab], _Sampler(dim, num_classes, seed, 0, size, True)),
         unlabeled=LazyItems(idx[n_lab:], _Sampler(dim, num_classes, seed, 0, size, False)),
+        unlabeled_truth=LazyItems(idx[n_lab:], _Sampler(dim, num_classes, seed, 0, size, True)),
         splits={
             "val": _cases("val", int(n_val), dim, num_classes, seed, size),
             "test": _cases("test", int(n_test), dim, num_classes, seed, size),

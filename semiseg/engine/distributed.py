@@ -190,10 +190,9 @@ class StepModule(nn.Module):
         self.backbone = backbone
         self.algorithm = algorithm
 
-    def forward(self, batch: dict[str, torch.Tensor],
-                ctx: StepContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def forward(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> tuple[dict, dict, dict]:
         r = self.algorithm.step(self.backbone, batch, ctx)
-        return r.losses, r.logs
+        return r.losses, r.logs, r.pseudo_labels
 
 
 class StepRunner:
@@ -203,8 +202,8 @@ class StepRunner:
         self.module = module
 
     def __call__(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepResult:
-        losses, logs = self.module(batch, ctx)
-        return StepResult(losses, logs)
+        losses, logs, pseudo = self.module(batch, ctx)
+        return StepResult(losses, logs, pseudo)
 
 
 def wrap(model: nn.Module, algorithm: Algorithm, info: DistInfo, sync_bn: bool = False) -> StepRunner:

@@ -62,8 +62,10 @@ def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 class ViewsDataset(Dataset):
     """Turns raw items into the views an algorithm asked for (see ``semiseg.algorithms.base.NEEDS``)."""
 
-    def __init__(self, items: Sequence, policy: Policy, kind: str, strong: bool = False) -> None:
+    def __init__(self, items: Sequence, policy: Policy, kind: str, strong: bool = False,
+                 truth: Sequence | None = None) -> None:
         self.items, self.policy, self.kind, self.strong = items, policy, kind, strong
+        self.truth = truth  # unlabeled items with labels: adds u_y / u_y_mix for the diagnostics
 
     def __len__(self) -> int:
         return len(self.items)
@@ -75,11 +77,18 @@ class ViewsDataset(Dataset):
             image, label = self.items[index]
             x, y = self.policy.weak(image, label, rng)
             return {"x": _tensor(x, torch.float32), "y": _tensor(y, torch.long)}
-        item = self.items[index]
-        image = item[0] if isinstance(item, tuple) else item
-        w = self.policy.weak_unlabeled(image, rng)
         sfx = "_mix" if self.kind == "mix" else ""
-        out = {f"u_w{sfx}": _tensor(w, torch.float32)}
+        out: dict[str, torch.Tensor] = {}
+        pair = None
+        if self.truth is not None:
+            # the same random draws as weak_unlabeled, so every view is what it would be without the label
+            pair = self.policy.weak_unlabeled_pair(*self.truth[index], rng)
+        if pair is not None:
+            w, out[f"u_y{sfx}"] = pair[0], _tensor(pair[1], torch.long)
+        else:
+            item = self.items[index]
+            w = self.policy.weak_unlabeled(item[0] if isinstance(item, tuple) else item, rng)
+        out[f"u_w{sfx}"] = _tensor(w, torch.float32)
         if self.strong:
             out[f"u_s1{sfx}"] = _tensor(self.policy.strong(w, rng), torch.float32)
             out[f"u_s2{sfx}"] = _tensor(self.policy.strong(w, rng), torch.float32)
@@ -90,8 +99,9 @@ class ViewsDataset(Dataset):
 
 
 def make_loader(items: Sequence, policy: Policy, kind: str, batch_size: int, seed: int, start: int, end: int,
-                strong: bool, workers: int, rank: int = 0, world: int = 1, pin_memory: bool = False) -> DataLoader:
-    ds = ViewsDataset(items, policy, kind, strong)
+                strong: bool, workers: int, rank: int = 0, world: int = 1, pin_memory: bool = False,
+                truth: Sequence | None = None) -> DataLoader:
+    ds = ViewsDataset(items, policy, kind, strong, truth)
     sampler = StepBatchSampler(len(items), batch_size, seed, kind, start, end, rank, world)
     # A private generator: creating a loader iterator draws a base seed, and drawing it from torch's global
     # generator would shift every later dropout mask after a resume.

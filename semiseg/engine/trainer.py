@@ -23,6 +23,7 @@ from semiseg.algorithms.base import Algorithm, Stage, StepContext
 from semiseg.engine import checkpoint as ckpt_io
 from semiseg.engine import distributed as dist_utils
 from semiseg.engine.config import TrainConfig
+from semiseg.engine.diagnostics import pseudo_label_stats, split_truth
 from semiseg.engine.ema import EMATeacher
 from semiseg.engine.loaders import ZipLoaders, make_loader
 from semiseg.engine.perf import (
@@ -165,6 +166,9 @@ class Trainer:
         self.best: dict[str, Any] = {"dice": -1.0, "iteration": -1}
         self.stage_best: dict[str, float] = {}  # best validation Dice within each stage (stages start from it)
         self.notes: list[str] = []
+        if cfg.diagnostics and self.data.unlabeled_truth is None:
+            self.note(f"--diagnostics: dataset '{self.data.name}' has no labels for its unlabeled images, so "
+                      f"pseudo-labels cannot be scored; training goes on without diagnostics")
         self.meta = {
             "algo": cfg.algo,
             "backbone": cfg.backbone if cfg.backbone != "auto" else ("vnet" if self.data.dim == 3 else "unet"),
@@ -195,6 +199,7 @@ class Trainer:
         ub = c.unlabeled_batch_size or c.batch_size
         common = dict(seed=c.seed, start=start, end=end, workers=workers, rank=self.dist.rank,
                       world=self.dist.world, pin_memory=self.device.type == "cuda")
+        truth = d.unlabeled_truth if c.diagnostics else None
         loaders = []
         if "labeled" in needs:
             loaders.append(make_loader(d.labeled, self.policy, "labeled", c.batch_size, strong=False, **common))
@@ -203,9 +208,10 @@ class Trainer:
                 raise ConfigError(f"Algorithm '{c.algo}' needs unlabeled data but dataset '{d.name}' has none; "
                                   f"lower --labeled or use --algo supervised.")
             loaders.append(make_loader(d.unlabeled, self.policy, "unlabeled", ub, strong="strong" in needs,
-                                       **common))
+                                       truth=truth, **common))
         if "mix" in needs:
-            loaders.append(make_loader(d.unlabeled, self.policy, "mix", ub, strong="strong" in needs, **common))
+            loaders.append(make_loader(d.unlabeled, self.policy, "mix", ub, strong="strong" in needs,
+                                       truth=truth, **common))
         return ZipLoaders(loaders)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -328,6 +334,7 @@ class Trainer:
         amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         autocast = torch.autocast(self.device.type, dtype=amp_dtype) if c.amp else nullcontext()
         self.model.train()
+        batch, truth = split_truth(batch)  # the unlabeled images' true labels never reach the algorithm
         dist_utils.seed_step(self.dist, c.seed, it)  # distributed: per-rank dropout/perturbation masks
         with autocast:
             result = self.step_model(batch, ctx)
@@ -349,7 +356,8 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.update(self.model, it)
         self.algo.on_step_end(self.model, ctx)
-        return {"loss": float(loss.detach()), "lr": lr, **terms, **result.logs}
+        diag = pseudo_label_stats(result.pseudo_labels, truth, self.data.num_classes)
+        return {"loss": float(loss.detach()), "lr": lr, **terms, **result.logs, **diag}
 
     def validate(self) -> dict[str, Any]:
         return validate(self.model, self.data, self.val_split, self.device, max_cases=self.cfg.val_max_cases)

@@ -253,3 +253,50 @@ def test_speed_options_make_a_separate_variant(grid, tmp_path, monkeypatch):
     assert seen["compile"] is True and "channels_last" not in seen
     r = CliRunner().invoke(bench, ["--preset", str(path), "--workers", "-1", "--dry-run"])
     assert r.exit_code == 2 and "--workers must be 0 or more" in r.output
+
+
+# -- concurrent cells and scheduler commands ----------------------------------------------------------------------
+SAME_RESULT = ("mean_dice", "mean_jaccard", "mean_hd95", "mean_asd", "dice_organ", "val_last_dice", "val_best_dice",
+               "val_best_iter", "params_m", "gmacs")
+
+
+def test_jobs_2_gives_the_rows_of_jobs_1(grid, tmp_path):
+    """Two cells trained at once in worker processes (one thread each) give the rows one at a time gives,
+    timings aside; the new cells are timed afterwards, and the diagnostics are written for each."""
+    out, _ = grid
+    par = tmp_path / "par"
+    result = runner.run_bench(tiny_preset(), par, quiet=True, command="par", threads=2, jobs=2)
+    assert len(result.ran) == 2
+    seq = {r["algo"]: r for r in res.read_rows(out / "results.csv")}
+    for r in res.read_rows(par / "results.csv"):
+        assert {k: r[k] for k in SAME_RESULT} == {k: seq[r["algo"]][k] for k in SAME_RESULT}
+        assert float(r["ms_per_iter"]) > 0  # timed, alone, after training
+    def curves(folder):
+        return sorted(tuple(c.values()) for c in res.read_rows(folder / "curves.csv"))
+
+    assert curves(par) == curves(out)
+    diag = res.read_rows(par / "diagnostics.csv")
+    assert {d["algo"] for d in diag} == {"fixmatch"} and all(0 <= float(d["acc_all"]) <= 1 for d in diag)
+    assert "Pseudo-label diagnostics" in (par / "results.md").read_text()
+
+
+def test_print_commands_lists_exactly_the_remaining_cells_and_the_bench_merges_them(grid, tmp_path):
+    out, _ = grid
+    part = tmp_path / "part"
+    part.mkdir()
+    # one cell already recorded: only the other remains
+    (part / "results.csv").write_text((out / "results.csv").read_text().splitlines()[0] + "\n" +
+                                      (out / "results.csv").read_text().splitlines()[1] + "\n")
+    commands = runner.grid_commands(tiny_preset(), part)
+    assert len(commands) == 1 and "fixmatch-l2-s0-it4" in commands[0] and commands[0].startswith("semiseg train")
+    # run it as a scheduler would, then the same bench records it without training again
+    args = commands[0].split()[2:]
+    from semiseg.cli import cli
+
+    assert CliRunner().invoke(cli, ["train", *args]).exit_code == 0
+    result = runner.run_bench(tiny_preset(), part, quiet=True, command="merge", threads=1, fresh_process=False)
+    assert [s.algo for s in result.ran] == ["fixmatch"] and len(result.skipped) == 1
+    merged = {r["algo"]: r for r in res.read_rows(part / "results.csv")}
+    seq = {r["algo"]: r for r in res.read_rows(out / "results.csv")}
+    assert merged["fixmatch"]["mean_dice"] == seq["fixmatch"]["mean_dice"]
+    assert runner.grid_commands(tiny_preset(), part) == []

@@ -66,6 +66,12 @@ def _plugins(ctx: click.Context) -> list[str]:
               help="channels_last memory format for every run (default: the preset's, else auto).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the backbone (default: off).")
 @click.option("--workers", type=int, help="Loader worker processes (default: the preset's, else 0 on CPU).")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Grid cells trained at once, each with an equal share of --threads (one GPU each where there "
+                   "are several); new cells are then timed one at a time.")
+@click.option("--print-commands", is_flag=True,
+              help="Print one `semiseg train` command per remaining cell (for a scheduler) and exit; rerun the "
+                   "bench afterwards to evaluate and record them.")
 @click.option("--time-only", is_flag=True, help="Only time one run per algorithm (no training) and print ms/iter.")
 @click.option("--dry-run", is_flag=True, help="Show the grid and which runs are already done; run nothing.")
 @click.option("--quiet", is_flag=True, help="No progress view.")
@@ -74,7 +80,7 @@ def bench(ctx: click.Context, preset: str, algos: str | None, seeds: str | None,
           iterations: int | None, out: str | None, runs_dir: str | None, data_root: str | None,
           device: str | None, timing_warmup: int | None, timing_iters: int | None, threads: int | None,
           amp: bool | None, channels_last: bool | None, compile_: bool | None, workers: int | None,
-          time_only: bool, dry_run: bool, quiet: bool) -> None:
+          jobs: int, print_commands: bool, time_only: bool, dry_run: bool, quiet: bool) -> None:
     """Run algorithms x labeled splits x seeds at an equal budget; write results.csv/.md and plots.
 
     Example: semiseg bench --preset smoke --out benchmarks/results/smoke. Finished runs (in OUT/results.csv
@@ -86,7 +92,7 @@ def bench(ctx: click.Context, preset: str, algos: str | None, seeds: str | None,
                                 ("workers", workers)) if v is not None}
     try:
         _bench(ctx, preset, algos, seeds, labeled, iterations, out, runs_dir, data_root, device, timing_warmup,
-               timing_iters, threads, speed, time_only, dry_run, quiet)
+               timing_iters, threads, speed, time_only, dry_run, quiet, jobs, print_commands)
     except SemisegError as e:
         # the semiseg group prints these too; this keeps the command usable on its own
         if isinstance(ctx.find_root().command, click.Group) and ctx.find_root().command is not ctx.command:
@@ -101,14 +107,15 @@ def bench(ctx: click.Context, preset: str, algos: str | None, seeds: str | None,
 def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str | None, labeled: str | None,
            iterations: int | None, out: str | None, runs_dir: str | None, data_root: str | None,
            device: str | None, timing_warmup: int | None, timing_iters: int | None, threads: int | None,
-           speed: dict[str, bool | int], time_only: bool, dry_run: bool, quiet: bool) -> None:
+           speed: dict[str, bool | int], time_only: bool, dry_run: bool, quiet: bool, jobs: int = 1,
+           print_commands: bool = False) -> None:
     from dataclasses import replace
     from pathlib import Path
 
     from semiseg import registry
     from semiseg.bench import results as res
     from semiseg.bench.presets import get_preset
-    from semiseg.bench.runner import committed_results, plan, run_bench, time_grid
+    from semiseg.bench.runner import committed_results, grid_commands, plan, run_bench, time_grid
 
     plugins = _plugins(ctx)
     for p in plugins:
@@ -155,7 +162,14 @@ def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str |
             console.print(f"wrote {Path(out) / 'timing.csv'}", highlight=False)
         return
 
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}.")
     out_dir = Path(out) if out else Path("bench") / preset.name
+    if print_commands:
+        for line in grid_commands(preset, out_dir, algo_list, seed_list, lab_list, iterations, data_root, device,
+                                  runs_dir, plugins):
+            click.echo(line)
+        return
     if dry_run:
         specs = plan(preset, algo_list, seed_list, lab_list, iterations, data_root)
         done = {res.row_key(r) for r in res.read_rows(out_dir / "results.csv")}
@@ -171,7 +185,7 @@ def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str |
         return
 
     result = run_bench(preset, out_dir, algo_list, seed_list, lab_list, iterations, data_root, device, runs_dir,
-                       plugins, quiet, timing, _command_line(ctx), threads)
+                       plugins, quiet, timing, _command_line(ctx), threads, jobs=jobs)
     console.print(f"{len(result.ran)} run(s) finished, {len(result.skipped) + len(result.copied)} skipped; "
                   f"{out_dir / 'results.csv'}, {out_dir / 'results.md'}", highlight=False)
     if result.interrupted:

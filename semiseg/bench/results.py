@@ -21,6 +21,8 @@ TAIL = ("val_last_dice", "val_best_dice", "val_best_iter", "ms_per_iter", "ms_pe
         "peak_mem_mb", "params_m", "gflops", "gmacs", "flops_input", "train_s", "eval_s", "wall_s", "resumed",
         "device", "machine", "torch", "date", "command")
 CURVE_COLUMNS = KEY + ("iter", "val_dice")
+DIAG_METRICS = ("acc_kept", "acc_all", "dice_kept", "kept")
+DIAG_COLUMNS = KEY + ("edge",) + DIAG_METRICS
 
 # (column, heading, higher is better, scale, decimals) of the Markdown summary; per-class Dice is added per file
 MD_METRICS = [
@@ -115,6 +117,36 @@ def upsert_rows(path: str | Path, new: Sequence[dict[str, Any]], columns: Sequen
             index[k] = len(rows)
             rows.append(r)
     write_rows(path, rows, columns)
+
+
+def replace_diagnostics(path: str | Path, key: tuple[str, ...], diag: dict[str, float]) -> None:
+    """Set one run's end-of-training pseudo-label diagnostics (``diag/<edge>/<metric>`` values) in
+    ``diagnostics.csv``, one row per edge."""
+    rows = [r for r in read_rows(path) if row_key(r) != key]
+    edges: dict[str, dict[str, float]] = {}
+    for name, value in diag.items():
+        _, edge, metric = name.split("/", 2)
+        edges.setdefault(edge, {})[metric] = value
+    rows += [dict(zip(KEY, key)) | {"edge": e, **vals} for e, vals in edges.items()]
+    if rows or Path(path).exists():
+        write_rows(path, rows, DIAG_COLUMNS)
+
+
+def diagnostics_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per algorithm and edge, the diagnostics' mean over seeds (in %)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        k = row_key(r)
+        groups.setdefault((k[2], k[4], k[1], r["edge"]), []).append(r)
+    lines = ["| Algorithm | Labeled | Iterations | Edge | Seeds | Target accuracy, kept pixels (%) | "
+             "Target accuracy, all pixels (%) | Target foreground Dice, kept (%) | Pixels kept (%) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (labeled, iterations, algo, edge), rs in groups.items():
+        cells = [algo, labeled, iterations, edge, str(len(rs))]
+        for m in DIAG_METRICS:
+            cells.append(_fmt_stat(mean_std(r.get(m) for r in rs), 100.0, 1))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def replace_curve(path: str | Path, key: tuple[str, ...], points: Sequence[tuple[int, float]]) -> None:
@@ -230,7 +262,8 @@ def evaluation_rule(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_markdown(path: str | Path, rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = (),
-                   class_names: dict[str, str] | None = None) -> None:
+                   class_names: dict[str, str] | None = None,
+                   diagnostics: Sequence[dict[str, Any]] = ()) -> None:
     """``results.md``: a title, the summary table, then provenance (commands, machines, dates) and notes."""
     commands = sorted({r.get("command", "") for r in rows if r.get("command")})
     machines = sorted({f"{r.get('machine', '')}; {r.get('device', '')}; torch {r.get('torch', '')}"
@@ -250,6 +283,14 @@ def write_markdown(path: str | Path, rows: Sequence[dict[str, Any]], title: str,
                 "GMACs: one backbone forward on the preset's batch and patch (thop's unit, Table III's "
                 "\"#Flops\").")
     text.append("")
+    finished = {row_key(r) for r in rows}
+    diagnostics = [d for d in diagnostics if row_key(d) in finished]
+    if diagnostics:
+        text += ["## Pseudo-label diagnostics at the end of training", "",
+                 "Each pseudo-label edge's target against the unlabeled images' true labels (which training never "
+                 "uses), averaged over the last 20 % of the logged training steps, then over seeds. Accuracy "
+                 "counts pixels (background included); foreground Dice compares the target's foreground classes "
+                 "with the truth on the kept pixels.", "", diagnostics_table(diagnostics)]
     text.append(f"Runs: {len(rows)}" + (f", finished {dates[0]} to {dates[-1]}" if dates else "") + ".")
     text.append("")
     if machines:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import shlex
 import sys
 import tempfile
@@ -177,19 +178,21 @@ def run_config(preset: Preset, spec: RunSpec, run_dir: Path, data_root: str | No
     if device is not None:
         cfg.device = device
     cfg.plugins = sorted(set(cfg.plugins) | set(plugins))
+    if "diagnostics" not in preset.train:
+        cfg.diagnostics = True  # pseudo-label diagnostics are on in a bench unless the preset says otherwise
     # the preset's keys and the grid's length win over the algorithm's official recipe
     return resolved(cfg, set(preset.train) | {"iterations"})
 
 
-def run_one(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: str,
-            data_root: str | None = None, device: str | None = None, plugins: Sequence[str] = (),
-            timing: dict[str, int] | None = None, threads: int | None = None,
-            fresh_process: bool = True) -> dict[str, Any] | None:
-    """Train, time and evaluate one run; returns its results row, or None when training was interrupted.
+TIMING_COLUMNS = ("ms_per_iter", "ms_per_iter_std", "timing_iters", "peak_mem_mb", "params_m", "gflops", "gmacs",
+                  "flops_input", "machine", "device", "torch")
 
-    The timing runs in a fresh process by default (see :func:`semiseg.bench.timing.time_config`: the only way
-    a CPU peak-memory figure is comparable between runs); ``fresh_process=False`` times the trained trainer in
-    this process, which saves the start-up of a Python process per run (tests, quick tries)."""
+
+def train_cell(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: str,
+               data_root: str | None = None, device: str | None = None,
+               plugins: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Train (or finish) and evaluate one cell: its results row without the timing columns, or None when
+    training was interrupted. The row keeps its validation curve under ``_curve``."""
     from semiseg.engine.trainer import Trainer
     from semiseg.evaluation.runs import evaluate_run
 
@@ -203,22 +206,11 @@ def run_one(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: 
     with view.follow(f"{label}: training", trainer):
         summary = trainer.fit(resume=True)
     train_s = time.perf_counter() - t0
+    del trainer
+    gc.collect()
     if summary["interrupted"]:
         return None
     best = summary.get("best") or {}
-    tm = timing or preset.timing
-    view.status(f"{label}: timing ({tm['warmup']} + {tm['iters']} iterations)")
-    if fresh_process:
-        cfg_dict = trainer.cfg.to_dict()
-        del trainer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the timing process needs the GPU memory this one no longer uses
-        timed = time_config(cfg_dict, warmup=tm["warmup"], iters=tm["iters"], threads=threads, resume=True)
-    else:
-        timed = time_trainer(trainer, warmup=tm["warmup"], iters=tm["iters"])
-        del trainer
-        gc.collect()
 
     view.status(f"{label}: evaluating on {preset.eval_split}")
     t1 = time.perf_counter()
@@ -243,16 +235,75 @@ def run_one(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: 
         val_last_dice=curve[-1][1] if curve else None,
         val_best_dice=best.get("dice") if best.get("iteration", -1) >= 0 else None,
         val_best_iter=best.get("iteration") if best.get("iteration", -1) >= 0 else None,
-        ms_per_iter=timed["ms_per_iter"], ms_per_iter_std=timed["std"], timing_iters=timed["iters"],
-        peak_mem_mb=timed["peak_mem_mb"], params_m=timed["params_m"], gflops=timed["gflops"],
-        gmacs=timed["gmacs"], flops_input=timed["flops_input"], train_s=train_s, eval_s=eval_s,
-        wall_s=time.perf_counter() - t_start, resumed=resumed,
-        **{k: timed[k] for k in ("machine", "device", "torch")},
+        train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t_start, resumed=resumed,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command,
     )
     row["_curve"] = curve
+    row["_diagnostics"] = final_diagnostics(run_dir / "metrics.jsonl")
+    return row
+
+
+def time_cell(preset: Preset, spec: RunSpec, run_dir: Path, data_root: str | None = None,
+              device: str | None = None, plugins: Sequence[str] = (), timing: dict[str, int] | None = None,
+              threads: int | None = None) -> dict[str, Any]:
+    """The timing columns of a trained cell, measured in a fresh process from its last checkpoint (see
+    :func:`semiseg.bench.timing.time_config`: the only way a CPU peak-memory figure is comparable)."""
+    tm = timing or preset.timing
+    cfg = run_config(preset, spec, run_dir, data_root, device, plugins)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the timing process needs the GPU memory this one no longer uses
+    return _timing_columns(time_config(cfg.to_dict(), warmup=tm["warmup"], iters=tm["iters"], threads=threads,
+                                       resume=True))
+
+
+def _timing_columns(timed: dict[str, Any]) -> dict[str, Any]:
+    return dict(ms_per_iter=timed["ms_per_iter"], ms_per_iter_std=timed["std"], timing_iters=timed["iters"],
+                peak_mem_mb=timed["peak_mem_mb"], params_m=timed["params_m"], gflops=timed["gflops"],
+                gmacs=timed["gmacs"], flops_input=timed["flops_input"],
+                **{k: timed[k] for k in ("machine", "device", "torch")})
+
+
+def run_one(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: str,
+            data_root: str | None = None, device: str | None = None, plugins: Sequence[str] = (),
+            timing: dict[str, int] | None = None, threads: int | None = None,
+            fresh_process: bool = True) -> dict[str, Any] | None:
+    """Train, evaluate and time one run; returns its results row, or None when training was interrupted.
+
+    The timing runs in a fresh process by default (:func:`time_cell`); ``fresh_process=False`` times the
+    trained model in this process, which saves the start-up of a Python process per run (tests, quick tries)."""
+    row = train_cell(preset, spec, run_dir, view, command, data_root, device, plugins)
+    if row is None:
+        return None
+    tm = timing or preset.timing
+    label = f"{spec.algo} l={res.fmt_labeled(spec.labeled)} s={spec.seed}"
+    view.status(f"{label}: timing ({tm['warmup']} + {tm['iters']} iterations)")
+    if fresh_process:
+        row.update(time_cell(preset, spec, run_dir, data_root, device, plugins, tm, threads))
+    else:
+        from semiseg.engine.trainer import Trainer
+
+        trainer = Trainer(run_config(preset, spec, run_dir, data_root, device, plugins), quiet=True,
+                          explicit=TrainConfig.field_names())
+        trainer.resume()
+        row.update(_timing_columns(time_trainer(trainer, warmup=tm["warmup"], iters=tm["iters"])))
+        del trainer
+        gc.collect()
     view.status(f"{label}: done", 1, 1)
     return row
+
+
+def final_diagnostics(metrics: Path, share: float = 0.2) -> dict[str, float]:
+    """Each pseudo-label diagnostic averaged over the last ``share`` of the logged training steps."""
+    from semiseg.engine.progress import read_metrics
+
+    rows = [r for r in read_metrics(metrics) if "loss" in r]
+    rows = rows[-max(1, int(round(len(rows) * share))):] if rows else []
+    sums: dict[str, list[float]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("diag/") and v is not None and math.isfinite(float(v)):
+                sums.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 # -- outputs --------------------------------------------------------------------------------------------------
@@ -263,7 +314,8 @@ def class_names_of(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
 def write_reports(out: Path, title: str, notes: Sequence[str] = ()) -> list[dict[str, str]]:
     """Regenerate results.md and the two plots from results.csv and curves.csv."""
     rows = res.read_rows(out / "results.csv")
-    res.write_markdown(out / "results.md", rows, title, notes, class_names_of(rows))
+    res.write_markdown(out / "results.md", rows, title, notes, class_names_of(rows),
+                       res.read_rows(out / "diagnostics.csv"))
     if rows:
         res.plot_dice_vs_iter(out / "dice_vs_iter.png", res.read_rows(out / "curves.csv"), rows)
         res.plot_ms_per_iter(out / "ms_per_iter.png", rows)
@@ -336,21 +388,24 @@ def run_bench(preset: Preset | str, out: str | Path | None = None, algos: Sequen
               iterations: int | None = None, data_root: str | None = None, device: str | None = None,
               runs_dir: str | Path | None = None, plugins: Sequence[str] = (), quiet: bool = False,
               timing: dict[str, int] | None = None, command: str | None = None, threads: int | None = None,
-              fresh_process: bool = True, on_row: Callable[[dict[str, Any]], None] | None = None) -> BenchResult:
+              fresh_process: bool = True, on_row: Callable[[dict[str, Any]], None] | None = None,
+              jobs: int = 1) -> BenchResult:
     """Run (or finish) the grid of ``preset`` into ``out`` (default ``bench/<preset>``) and write the reports.
 
     ``algos`` / ``seeds`` / ``labeled`` / ``iterations`` override the preset's grid (``iterations`` changes the
     run key, so quick tries never mix with full runs). Run directories go to ``runs_dir`` (default
     ``out/runs``). ``timing`` overrides the preset's ``{warmup, iters}``. ``threads`` sets torch's CPU threads
     for training, timing and evaluation (on a shared or oversubscribed CPU, 1 is often faster than 2);
-    ``fresh_process`` times each run in a new process (see :func:`run_one`).
+    ``fresh_process`` times each run in a new process (see :func:`run_one`). ``jobs`` > 1 trains that many
+    cells at once in worker processes, dividing the threads among them (one GPU each where there are several),
+    then times the new cells one at a time.
     """
     prev_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         return _run_bench(preset, out, algos, seeds, labeled, iterations, data_root, device, runs_dir, plugins,
-                          quiet, timing, command, threads, fresh_process, on_row)
+                          quiet, timing, command, threads, fresh_process, on_row, jobs)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -359,7 +414,7 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
                seeds: Sequence[int] | None, labeled: Sequence[float] | None, iterations: int | None,
                data_root: str | None, device: str | None, runs_dir: str | Path | None, plugins: Sequence[str],
                quiet: bool, timing: dict[str, int] | None, command: str | None, threads: int | None,
-               fresh_process: bool, on_row: Callable[[dict[str, Any]], None] | None) -> BenchResult:
+               fresh_process: bool, on_row: Callable[[dict[str, Any]], None] | None, jobs: int = 1) -> BenchResult:
     for p in plugins:
         registry.load_plugin(p)
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -385,25 +440,134 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
         if skipped or copied:
             view.log(f"{len(skipped) + len(copied)} of {len(specs)} runs already done "
                      f"({len(copied)} from {committed_results(preset)}); {len(todo)} to run")
-        for spec in todo:
-            row = run_one(preset, spec, runs / spec.dirname, view, command, data_root, device, plugins, timing,
-                          threads, fresh_process)
-            if row is None:
-                result.interrupted = True
-                view.log(f"interrupted during {spec.dirname}; rerun the same command to resume it")
-                break
-            curve = row.pop("_curve")
+
+        def finish(spec: RunSpec, row: dict[str, Any]) -> None:
+            curve, diag = row.pop("_curve"), row.pop("_diagnostics", {})
             res.upsert_rows(out / "results.csv", [row])
             res.replace_curve(out / "curves.csv", spec.key(preset.name), curve)
+            res.replace_diagnostics(out / "diagnostics.csv", spec.key(preset.name), diag)
             write_reports(out, title, notes)
             result.ran.append(spec)
             view.advance()
-            view.log(f"done {spec.dirname}: Dice {100 * res.to_float(row['mean_dice']):.2f} %, "
-                     f"{row['ms_per_iter']:.1f} ms/iter, {row['wall_s']:.0f} s")
+            timed = f", {row['ms_per_iter']:.1f} ms/iter" if row.get("ms_per_iter") is not None else ""
+            view.log(f"done {spec.dirname}: Dice {100 * res.to_float(row['mean_dice']):.2f} %{timed}, "
+                     f"{row['wall_s']:.0f} s")
             if on_row is not None:
                 on_row(row)
+
+        if jobs <= 1:
+            for spec in todo:
+                row = run_one(preset, spec, runs / spec.dirname, view, command, data_root, device, plugins,
+                              timing, threads, fresh_process)
+                if row is None:
+                    result.interrupted = True
+                    view.log(f"interrupted during {spec.dirname}; rerun the same command to resume it")
+                    break
+                finish(spec, row)
+        else:
+            result.interrupted = _run_parallel(preset, todo, runs, view, command, data_root, device, plugins,
+                                               threads, jobs, finish)
+        # cells trained concurrently (now or by an earlier --jobs run) are timed one at a time, alone on
+        # the machine, so that their ms/iter and memory mean what they mean for a sequential grid
+        if not result.interrupted:
+            wanted = {s.key(preset.name): s for s in specs}
+            pending = [r for r in res.read_rows(out / "results.csv")
+                       if res.row_key(r) in wanted and not r.get("ms_per_iter")]
+            for r in pending:
+                spec = wanted[res.row_key(r)]
+                if not (runs / spec.dirname / "checkpoints" / "last.pt").is_file():
+                    view.log(f"{spec.dirname} has no timing and no run directory in {runs}; left untimed")
+                    continue
+                view.status(f"{spec.dirname}: timing alone")
+                r.update(time_cell(preset, spec, runs / spec.dirname, data_root, device, plugins, timing, threads))
+                res.upsert_rows(out / "results.csv", [r])
+                write_reports(out, title, notes)
     result.rows = res.read_rows(out / "results.csv")
     return result
+
+
+def grid_commands(preset: Preset | str, out: str | Path | None = None, algos: Sequence[str] | None = None,
+                  seeds: Sequence[int] | None = None, labeled: Sequence[float] | None = None,
+                  iterations: int | None = None, data_root: str | None = None, device: str | None = None,
+                  runs_dir: str | Path | None = None, plugins: Sequence[str] = ()) -> list[str]:
+    """One ``semiseg train`` command per cell not yet in ``out``'s results, for a scheduler (a SLURM array, say).
+
+    Each cell's resolved config is written to ``out/configs/<cell>.yaml``; the command trains it into the run
+    directory the bench uses, so rerunning the same ``semiseg bench`` afterwards evaluates, times and records the
+    finished runs (and resumes any a scheduler stopped)."""
+    for p in plugins:
+        registry.load_plugin(p)
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    out = Path(out) if out is not None else Path("bench") / preset.name
+    runs = Path(runs_dir) if runs_dir is not None else out / "runs"
+    done = {res.row_key(r) for r in res.read_rows(out / "results.csv")}
+    done |= {res.row_key(r) for r in res.read_rows(committed_results(preset))}
+    commands = []
+    for spec in plan(preset, algos, seeds, labeled, iterations, data_root):
+        if spec.key(preset.name) in done:
+            continue
+        cfg = run_config(preset, spec, runs / spec.dirname, data_root, device, plugins)
+        path = out / "configs" / f"{spec.dirname}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cfg.save(path)
+        commands.append(shlex.join(["semiseg", "train", "--config", str(path), "--out", str(runs / spec.dirname),
+                                    "--resume", "--quiet"]))
+    return commands
+
+
+def _cell_worker(args: tuple) -> tuple[RunSpec, dict[str, Any] | None]:
+    """One grid cell in a worker process of ``--jobs``: train and evaluate with this worker's threads."""
+    preset, spec, run_dir, command, data_root, device, plugins, threads = args
+    torch.set_num_threads(threads)
+    for p in plugins:
+        registry.load_plugin(p)
+    if device is None and _WORKER_DEVICE is not None:
+        device = _WORKER_DEVICE
+    return spec, train_cell(preset, spec, run_dir, _View(1, quiet=True), command, data_root, device, plugins)
+
+
+_WORKER_DEVICE: str | None = None
+
+
+def _init_worker(slots: Any) -> None:
+    """Give each worker process one GPU of its own when there are several (a slot id taken once)."""
+    global _WORKER_DEVICE
+    n = torch.cuda.device_count()
+    slot = slots.get()
+    if n > 1:
+        _WORKER_DEVICE = f"cuda:{slot % n}"
+
+
+def _run_parallel(preset: Preset, todo: Sequence[RunSpec], runs: Path, view: _View, command: str,
+                  data_root: str | None, device: str | None, plugins: Sequence[str], threads: int | None,
+                  jobs: int, finish: Callable[[RunSpec, dict[str, Any]], None]) -> bool:
+    """Train ``todo`` with ``jobs`` worker processes, each with an equal share of the CPU threads; rows are
+    written as cells finish. Returns True when interrupted."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    total = threads or torch.get_num_threads()
+    per_job = max(1, total // jobs)
+    ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no torch thread pools inherited by fork
+    slots = ctx.Manager().Queue()
+    for i in range(jobs):
+        slots.put(i)
+    view.log(f"{len(todo)} runs on {jobs} concurrent jobs of {per_job} thread(s) each")
+    interrupted = False
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(slots,)) as pool:
+        futures = {pool.submit(_cell_worker, (preset, spec, runs / spec.dirname, command, data_root, device,
+                                              list(plugins), per_job)) for spec in todo}
+        while futures:
+            done, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for f in done:
+                spec, row = f.result()
+                if row is None:
+                    interrupted = True
+                    view.log(f"interrupted during {spec.dirname}; rerun the same command to resume it")
+                else:
+                    finish(spec, row)
+    return interrupted
 
 
 def time_grid(preset: Preset | str, algos: Sequence[str] | None = None, labeled: float | None = None,

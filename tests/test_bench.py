@@ -300,3 +300,16 @@ def test_print_commands_lists_exactly_the_remaining_cells_and_the_bench_merges_t
     seq = {r["algo"]: r for r in res.read_rows(out / "results.csv")}
     assert merged["fixmatch"]["mean_dice"] == seq["fixmatch"]["mean_dice"]
     assert runner.grid_commands(tiny_preset(), part) == []
+
+
+def test_variant_rows_train_the_registered_algorithm_with_their_options():
+    """`crossmatch@official` is a row of its own that trains crossmatch with --opt plan=official, and `all`
+    inside a list still means every registered algorithm."""
+    p = parse_preset({**TINY, "algos": ["all", "crossmatch@official"],
+                      "algo_options": {"crossmatch": {"eta": 0.5}, "crossmatch@official": {"plan": "official"}}},
+                     "v", "test preset")
+    assert p.resolve_algos() == registry.ALGORITHMS.names() + ["crossmatch@official"]
+    cfg = p.config("crossmatch@official", 2, 0, "out")
+    assert (cfg.algo, cfg.algo_options) == ("crossmatch", {"eta": 0.5, "plan": "official"})
+    assert p.config("crossmatch", 2, 0, "out").algo_options == {"eta": 0.5}
+    assert runner.plan(p, ["crossmatch@official"])[0].dirname == "crossmatch@official-l2-s0-it4"

@@ -66,9 +66,10 @@ def _plugins(ctx: click.Context) -> list[str]:
               help="channels_last memory format for every run (default: the preset's, else auto).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the backbone (default: off).")
 @click.option("--workers", type=int, help="Loader worker processes (default: the preset's, else 0 on CPU).")
-@click.option("--jobs", type=int, default=1, show_default=True,
+@click.option("--jobs", type=int,
               help="Grid cells trained at once, each with an equal share of --threads (one GPU each where there "
-                   "are several); new cells are then timed one at a time.")
+                   "are several); new cells are then timed one at a time. Default: 2 on a CPU with 2 or more "
+                   "cores (measured x1.14 faster on 2 cores), else the number of GPUs.")
 @click.option("--print-commands", is_flag=True,
               help="Print one `semiseg train` command per remaining cell (for a scheduler) and exit; rerun the "
                    "bench afterwards to evaluate and record them.")
@@ -80,7 +81,7 @@ def bench(ctx: click.Context, preset: str, algos: str | None, seeds: str | None,
           iterations: int | None, out: str | None, runs_dir: str | None, data_root: str | None,
           device: str | None, timing_warmup: int | None, timing_iters: int | None, threads: int | None,
           amp: bool | None, channels_last: bool | None, compile_: bool | None, workers: int | None,
-          jobs: int, print_commands: bool, time_only: bool, dry_run: bool, quiet: bool) -> None:
+          jobs: int | None, print_commands: bool, time_only: bool, dry_run: bool, quiet: bool) -> None:
     """Run algorithms x labeled splits x seeds at an equal budget; write results.csv/.md and plots.
 
     Example: semiseg bench --preset smoke --out benchmarks/results/smoke. Finished runs (in OUT/results.csv
@@ -107,7 +108,7 @@ def bench(ctx: click.Context, preset: str, algos: str | None, seeds: str | None,
 def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str | None, labeled: str | None,
            iterations: int | None, out: str | None, runs_dir: str | None, data_root: str | None,
            device: str | None, timing_warmup: int | None, timing_iters: int | None, threads: int | None,
-           speed: dict[str, bool | int], time_only: bool, dry_run: bool, quiet: bool, jobs: int = 1,
+           speed: dict[str, bool | int], time_only: bool, dry_run: bool, quiet: bool, jobs: int | None = None,
            print_commands: bool = False) -> None:
     from dataclasses import replace
     from pathlib import Path
@@ -162,6 +163,9 @@ def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str |
             console.print(f"wrote {Path(out) / 'timing.csv'}", highlight=False)
         return
 
+    from semiseg.bench.runner import default_jobs
+
+    jobs = default_jobs(device or preset.train.get("device", "auto")) if jobs is None else jobs
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}.")
     out_dir = Path(out) if out else Path("bench") / preset.name

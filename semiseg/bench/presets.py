@@ -59,18 +59,33 @@ class Preset:
     path: str | None = None
 
     def resolve_algos(self) -> list[str]:
-        return registry.ALGORITHMS.names() if self.algos == "all" else list(self.algos)
+        """The grid's rows: ``all`` (alone or as an entry of the list) stands for every registered algorithm, so
+        algorithms added later get their rows from the same preset."""
+        names = [self.algos] if isinstance(self.algos, str) else list(self.algos)
+        out: list[str] = []
+        for n in names:
+            out += registry.ALGORITHMS.names() if n == "all" else [n]
+        return list(dict.fromkeys(out))
 
     def config(self, algo: str, labeled: float | None, seed: int, out: str | Path) -> TrainConfig:
-        """The TrainConfig of one run of the grid."""
+        """The TrainConfig of one run of the grid. A row name ``algo@variant`` trains the registered ``algo``
+        with the options given for ``algo`` and then for ``algo@variant`` (e.g. ``crossmatch@official`` with
+        ``algo_options: {crossmatch@official: {plan: official}}``), so one algorithm can fill several rows."""
+        base = algo_name(algo)
+        opts = {**self.algo_options.get(base, {}), **(self.algo_options.get(algo, {}) if algo != base else {})}
         d = dict(self.train)
-        d.update(algo=algo, seed=int(seed), out=str(out), algo_options=dict(self.algo_options.get(algo, {})))
+        d.update(algo=base, seed=int(seed), out=str(out), algo_options=opts)
         if labeled is not None:
             d["labeled"] = labeled
         return TrainConfig.from_dict(d, source=f"Preset '{self.name}'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def algo_name(row: str) -> str:
+    """The registered algorithm of a grid row name (``crossmatch@official`` -> ``crossmatch``)."""
+    return row.split("@", 1)[0]
 
 
 def _repo_relative(path: Path) -> bool:

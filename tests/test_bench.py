@@ -82,7 +82,7 @@ def test_grid_writes_csv_md_and_plots(grid):
         assert r["command"] == "semiseg bench --preset tiny"
     md = (out / "results.md").read_text()
     assert "**" in md and "supervised" in md and "fixmatch" in md and "semiseg bench --preset tiny" in md
-    for png in ("dice_vs_iter.png", "ms_per_iter.png"):
+    for png in ("dice_vs_iter.png", "dice_vs_time.png", "ms_per_iter.png"):
         assert (out / png).stat().st_size > 1000
     curves = res.read_rows(out / "curves.csv")
     assert {c["iter"] for c in curves} == {"2", "4"}  # val_every 2 over 4 iterations, per algorithm

@@ -34,6 +34,7 @@ MD_METRICS = [
 MD_COST = [
     ("ms_per_iter", "ms/iter", False, 1.0, 1),
     ("peak_mem_mb", "peak MB", False, 1.0, 0),
+    ("train_s", "train (min)", False, 1 / 60, 1),
 ]
 
 
@@ -273,8 +274,8 @@ def write_markdown(path: str | Path, rows: Sequence[dict[str, Any]], title: str,
     for note in notes:
         text += [note, ""]
     text += [markdown_table(rows, class_names)]
-    text.append(f"Evaluated: {evaluation_rule(rows)}. "
-                "Mean ± sample std over seeds (no ± with one seed); best mean per column and labeled split in "
+    text.append((f"Evaluated: {evaluation_rule(rows)}. " if rows else "")
+                + "Mean ± sample std over seeds (no ± with one seed); best mean per column and labeled split in "
                 "**bold**. Dice and Jaccard in %, HD95 and ASD in voxels with medpy's definitions (HD95: 95th "
                 "percentile of both directed surface distances pooled; ASD: prediction surface to ground truth). "
                 "ms/iter as in the "
@@ -317,7 +318,7 @@ def plot_dice_vs_iter(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
     finished = {row_key(r) for r in rows}
     curves = [c for c in curves if row_key(c) in finished]
     blocks = _blocks(rows) or [("", "", "0")]
-    fig, axes = plt.subplots(1, len(blocks), figsize=(5.2 * len(blocks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(blocks), figsize=(6.4 * len(blocks), 3.6), squeeze=False)
     for ax, (preset, labeled, iterations) in zip(axes[0], blocks):
         sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == (preset, labeled, iterations)]
         algos = list(dict.fromkeys(c["algo"] for c in sel))
@@ -327,12 +328,56 @@ def plot_dice_vs_iter(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
                 if c["algo"] == algo and math.isfinite(to_float(c["val_dice"])):
                     by_iter.setdefault(int(float(c["iter"])), []).append(to_float(c["val_dice"]))
             its = sorted(by_iter)
-            ax.plot(its, [sum(by_iter[i]) / len(by_iter[i]) for i in its], marker="o", markersize=3, label=algo)
+            stats = [mean_std(by_iter[i]) for i in its]
+            mean = [s[0] for s in stats]
+            std = [s[1] if math.isfinite(s[1]) else 0.0 for s in stats]
+            (line,) = ax.plot(its, mean, marker="o", markersize=3, label=algo)
+            ax.fill_between(its, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set(title=f"{preset}: {labeled} labeled, {iterations} iterations", xlabel="iteration",
-               ylabel="validation Dice (mean over seeds)", ylim=(0, 1))
+               ylabel="validation Dice (mean ± std over seeds)", ylim=(0, 1))
         ax.grid(alpha=0.3)
         if algos:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: never over the lines
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_dice_vs_time(path: str | Path, curves: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> None:
+    """Time to accuracy: validation Dice against training wall-clock minutes, one line per algorithm (mean over
+    seeds, band: +- std over seeds). A run's validation at iteration i is placed at i / iterations x its
+    training time (``train_s``), so the x axis is what a user waits for on the machine that ran the grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_s = {row_key(r): to_float(r.get("train_s")) for r in rows}
+    blocks = _blocks(rows) or [("", "", "0")]
+    fig, axes = plt.subplots(1, len(blocks), figsize=(6.4 * len(blocks), 3.8), squeeze=False)
+    for ax, (preset, labeled, iterations) in zip(axes[0], blocks):
+        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == (preset, labeled, iterations)
+               and math.isfinite(train_s.get(row_key(c), math.nan))]
+        for algo in dict.fromkeys(c["algo"] for c in sel):
+            by_iter: dict[int, list[tuple[float, float]]] = {}
+            for c in sel:
+                if c["algo"] == algo and math.isfinite(to_float(c["val_dice"])):
+                    it = int(float(c["iter"]))
+                    minutes = it / int(iterations) * train_s[row_key(c)] / 60
+                    by_iter.setdefault(it, []).append((minutes, to_float(c["val_dice"])))
+            its = sorted(by_iter)
+            t = [sum(m for m, _ in by_iter[i]) / len(by_iter[i]) for i in its]
+            stats = [mean_std(d for _, d in by_iter[i]) for i in its]
+            mean = [s[0] for s in stats]
+            std = [s[1] if math.isfinite(s[1]) else 0.0 for s in stats]
+            (line,) = ax.plot(t, mean, marker="o", markersize=2, label=algo)
+            ax.fill_between(t, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set(title=f"{preset}: {labeled} labeled, {iterations} iterations", xlabel="training time (min)",
+               ylabel="validation Dice (mean ± std over seeds)", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: never over the lines
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

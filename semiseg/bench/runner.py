@@ -317,7 +317,9 @@ def write_reports(out: Path, title: str, notes: Sequence[str] = ()) -> list[dict
     res.write_markdown(out / "results.md", rows, title, notes, class_names_of(rows),
                        res.read_rows(out / "diagnostics.csv"))
     if rows:
-        res.plot_dice_vs_iter(out / "dice_vs_iter.png", res.read_rows(out / "curves.csv"), rows)
+        curves = res.read_rows(out / "curves.csv")
+        res.plot_dice_vs_iter(out / "dice_vs_iter.png", curves, rows)
+        res.plot_dice_vs_time(out / "dice_vs_time.png", curves, rows)
         res.plot_ms_per_iter(out / "ms_per_iter.png", rows)
     return rows
 
@@ -517,7 +519,7 @@ def grid_commands(preset: Preset | str, out: str | Path | None = None, algos: Se
 
 def default_jobs(device: str | None) -> int:
     """Concurrent cells by default: one per GPU; on a CPU two (each with half the threads), which trained the
-    acdc-cpu grid x1.14 faster than one at a time on 2 cores (benchmarks/results/acdc-cpu/jobs.md)."""
+    acdc-cpu grid x1.14 faster than one at a time on 2 cores (benchmarks/results/acdc-cpu/README.md)."""
     import os
 
     if device != "cpu" and torch.cuda.is_available():

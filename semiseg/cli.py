@@ -30,7 +30,26 @@ def _parse_size(text: str | None) -> list[int] | None:
 
 
 class SemisegGroup(click.Group):
-    """Turns SemisegError into one red sentence and exit code 2 (--debug shows the traceback)."""
+    """Turns SemisegError into one red sentence and exit code 2 (--debug shows the traceback). Commands in
+    ``LAZY`` are imported only when run, so `semiseg --help` and `--version` never import torch."""
+
+    LAZY = {"bench": ("semiseg.bench.command", "Run algorithms x labeled splits x seeds; write results and plots.")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY and name not in self.commands:
+            import importlib
+
+            self.add_command(getattr(importlib.import_module(self.LAZY[name][0]), name))
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(n, self.LAZY[n][1] if n in self.LAZY and n not in self.commands
+                 else self.commands[n].get_short_help_str(limit=200)) for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -295,13 +314,6 @@ def list_cmd() -> None:
     out.print(f"plugins loaded: {', '.join(plugins) if plugins else 'none'}")
 
 
-def _add_bench() -> None:
-    from semiseg.bench.command import bench
-
-    cli.add_command(bench)
-
-
-_add_bench()
 
 
 def main() -> None:

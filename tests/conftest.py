@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,25 @@ def shared_data() -> Path:
             pytest.fail(f"{reason}; CI must provide it")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture
+def clean_registry():
+    """Undo whatever a test registers in the global tables or records as loaded plugins."""
+    from semiseg import registry
+
+    registry.ALGORITHMS.names()  # built-ins first, so they are part of the snapshot
+    saved = {name: (dict(t._table), dict(t._origin)) for name, t in registry.TABLES.items()}
+    plugins = list(registry._loaded_plugins)
+    modules = set(sys.modules)
+    yield
+    for name, t in registry.TABLES.items():
+        t._table.clear()
+        t._table.update(saved[name][0])
+        t._origin.clear()
+        t._origin.update(saved[name][1])
+    registry._loaded_plugins[:] = plugins
+    registry._current_origin.current = None
+    for m in set(sys.modules) - modules:
+        if m.startswith(("semiseg_plugin_", "fake_semiseg_ep_")):
+            del sys.modules[m]

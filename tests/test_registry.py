@@ -3,7 +3,6 @@ entry points, broken ones)."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from importlib import metadata
 
@@ -27,26 +26,6 @@ def table_row(text: str, name: str) -> list[str]:
         if cells and cells[0] == name:
             return cells
     raise AssertionError(f"no row '{name}' in:\n{text}")
-
-
-@pytest.fixture
-def clean_registry():
-    """Undo whatever a test registers in the global tables or records as loaded plugins."""
-    registry.ALGORITHMS.names()  # built-ins first, so they are part of the snapshot
-    saved = {name: (dict(t._table), dict(t._origin)) for name, t in registry.TABLES.items()}
-    plugins = list(registry._loaded_plugins)
-    modules = set(sys.modules)
-    yield
-    for name, t in registry.TABLES.items():
-        t._table.clear()
-        t._table.update(saved[name][0])
-        t._origin.clear()
-        t._origin.update(saved[name][1])
-    registry._loaded_plugins[:] = plugins
-    registry._current_origin.current = None
-    for m in set(sys.modules) - modules:
-        if m.startswith(("semiseg_plugin_", "fake_semiseg_ep_")):
-            del sys.modules[m]
 
 
 # -- a table of its own -------------------------------------------------------------------------------------------
@@ -303,3 +282,19 @@ def test_broken_file_plugin_is_an_error_of_the_plugin(tmp_path, clean_registry):
     with pytest.raises(Exception, match="boom"):  # an explicitly requested plugin fails loudly
         registry.load_plugin(str(bad))
     assert registry._current_origin.current is None
+
+
+def test_running_a_definition_again_replaces_it(clean_registry):
+    """A re-run notebook cell defines a new object with the same module and name: it replaces the old one;
+    a different definition under a taken name is still refused."""
+    code = ("from semiseg.registry import register_backbone\n"
+            "@register_backbone('cell_net')\n"
+            "def cell_net(in_channels=1, num_classes=2):\n    return None\n")
+    first: dict = {"__name__": "__main__"}
+    exec(code, first)
+    again: dict = {"__name__": "__main__"}
+    exec(code, again)
+    assert registry.BACKBONES.get("cell_net") is again["cell_net"]
+    other: dict = {"__name__": "another_module"}
+    with pytest.raises(ConfigError, match="'cell_net' is registered twice"):
+        exec(code, other)

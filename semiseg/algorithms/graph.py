@@ -135,6 +135,11 @@ class GraphAlgorithm(Algorithm):
             model.train(was_training and all(s.train_mode for s in streams))
             order = list(dict.fromkeys(s.view for s in streams))
             sizes = [views[v].shape[0] for v in order]
+            if not (hasattr(model, "encode") and hasattr(model, "decode")):
+                out.update(self._run_plain(model, streams, views, order, grad))
+                plan["encoder_calls"] += 1
+                plan["encoder_images"] += sum(sizes)
+                continue
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 feats = model.encode(torch.cat([views[v] for v in order]))
                 per_view = {v: [f_.split(sizes)[i] for f_ in feats] for i, v in enumerate(order)}
@@ -156,6 +161,22 @@ class GraphAlgorithm(Algorithm):
         model.train(was_training)
         self.last_plan = plan
         return out
+
+    def _run_plain(self, model: nn.Module, streams: list[Stream], views: dict[str, torch.Tensor],
+                   order: list[str], grad: bool) -> dict[str, torch.Tensor]:
+        """A backbone with only ``forward``: fine for streams without feature perturbation (one forward per
+        group); a graph that perturbs features needs ``encode``/``decode``, and says so."""
+        perturbed = [s.name for s in streams if parse_perturbation(s.perturb) is not None]
+        if perturbed:
+            raise ConfigError(f"Algorithm '{self.name}' perturbs features between encoder and decoder (streams "
+                              f"{', '.join(perturbed)}), but the backbone {type(model).__name__} has no "
+                              f"encode/decode; subclass semiseg.backbones.SegBackbone and implement both, or "
+                              f"choose an algorithm without feature perturbation (supervised, fixmatch, "
+                              f"meanteacher, uamt, bcp).")
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            logits = model(torch.cat([views[v] for v in order]))
+        per_view = dict(zip(order, logits.split([views[v].shape[0] for v in order])))
+        return {s.name: per_view[s.view] if s.grad else per_view[s.view].detach() for s in streams}
 
     @staticmethod
     def _decode(model: nn.Module, stacked: list[torch.Tensor], streams: list[Stream],

@@ -27,6 +27,8 @@ class SegBackbone(nn.Module, metaclass=ABCMeta):
     # True when ``decode`` holds dropout of its own and takes ``drop``, a (B,) bool tensor saying which samples
     # it may drop; a stream graph passes it when some of its streams switch that dropout off.
     decoder_dropout: bool = False
+    # Every spatial size of an input must be a multiple of this (2^downsamplings); the trainer checks the patch.
+    divisor: int = 1
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -95,6 +95,7 @@ class _Decoder(nn.Module):
 
 class UNet2D(SegBackbone):
     dim = 2
+    divisor = DIVISOR
 
     def __init__(self, in_channels: int = 1, num_classes: int = 4, width: float = 1.0,
                  dropout: bool = True) -> None:

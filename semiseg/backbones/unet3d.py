@@ -36,6 +36,7 @@ class Up3D(nn.Module):
 
 class UNet3D(SegBackbone):
     dim = 3
+    divisor = DIVISOR
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, width: float = 1.0) -> None:
         super().__init__()

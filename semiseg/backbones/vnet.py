@@ -54,6 +54,7 @@ def up(in_ch: int, out_ch: int) -> _Block:
 
 class VNet(SegBackbone):
     dim = 3
+    divisor = DIVISOR
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, width: float = 1.0,
                  has_dropout: bool = True) -> None:

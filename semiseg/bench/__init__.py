@@ -1,13 +1,26 @@
 """Benchmarks: algorithm x labeled split x seed grids at an equal budget, timed as the CrossMatch paper's
-Table III, written as CSV, Markdown and PNG (``semiseg bench``)."""
+Table III, written as CSV, Markdown and PNG (``semiseg bench``).
 
-from semiseg.bench.presets import PRESET_DIR, Preset, get_preset, load_preset_file, register_builtin_presets
-from semiseg.bench.results import aggregate, markdown_table, mean_std, read_rows
-from semiseg.bench.runner import BenchResult, RunSpec, plan, run_bench, time_grid
-from semiseg.bench.timing import backbone_stats, count_flops, machine_info, time_config, time_iterations, time_trainer
+Names are imported on first use, so that ``semiseg --help`` and preset parsing do not import torch.
+"""
 
-__all__ = [
-    "PRESET_DIR", "BenchResult", "Preset", "RunSpec", "aggregate", "backbone_stats", "count_flops", "get_preset",
-    "load_preset_file", "machine_info", "markdown_table", "mean_std", "plan", "read_rows", "register_builtin_presets",
-    "run_bench", "time_config", "time_grid", "time_iterations", "time_trainer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    **dict.fromkeys(("PRESET_DIR", "Preset", "get_preset", "load_preset_file", "register_builtin_presets"),
+                    "semiseg.bench.presets"),
+    **dict.fromkeys(("aggregate", "markdown_table", "mean_std", "read_rows"), "semiseg.bench.results"),
+    **dict.fromkeys(("BenchResult", "RunSpec", "plan", "run_bench", "time_grid"), "semiseg.bench.runner"),
+    **dict.fromkeys(("backbone_stats", "count_flops", "machine_info", "time_config", "time_iterations",
+                     "time_trainer"), "semiseg.bench.timing"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'semiseg.bench' has no attribute {name!r}")

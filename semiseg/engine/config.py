@@ -107,7 +107,10 @@ class TrainConfig:
 
 
 def parse_value(text: str) -> Any:
-    """'0.3' -> 0.3, 'true' -> True, '[64,64,32]' -> list; anything else stays a string."""
+    """'0.3' -> 0.3, 'true' -> True, '[64,64,32]' and '64,64' -> lists; anything else stays a string."""
+    t = text.strip()
+    if "," in t and not t.startswith(("[", "{", "'", '"')):
+        return [parse_value(p) for p in t.split(",") if p.strip()]
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

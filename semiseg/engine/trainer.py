@@ -88,6 +88,12 @@ def build_model(cfg: TrainConfig, data) -> nn.Module:
         raise ConfigError(
             f"Backbone '{name}' is {bdim}D but dataset '{data.name}' is {data.dim}D; use --backbone {other}."
         )
+    d = int(getattr(model, "divisor", 1) or 1)
+    patch = tuple(int(p) for p in data.patch_size)
+    if any(p % d for p in patch):
+        fixed = ",".join(str(-(-p // d) * d) for p in patch)
+        raise ConfigError(f"--patch-size {','.join(map(str, patch))} does not suit backbone '{name}', which needs "
+                          f"every side to be a multiple of {d}; use e.g. --patch-size {fixed}.")
     return model
 
 

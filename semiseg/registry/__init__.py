@@ -32,8 +32,13 @@ class Registry:
     def register(self, name: str | None = None, *, origin: str = "semiseg") -> Callable:
         def deco(fn: Callable) -> Callable:
             key = name or getattr(fn, "name", None) or fn.__name__
-            if key in self._table and self._table[key] is not fn:
-                raise ConfigError(f"{self.kind} '{key}' is registered twice; rename one of them.")
+            old = self._table.get(key)
+            # the same definition run again (a re-run notebook cell, a plugin file loaded twice) replaces itself
+            same = old is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) == (
+                getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
+            if old is not None and old is not fn and not same:
+                raise ConfigError(f"{self.kind} '{key}' is registered twice (by {getattr(old, '__module__', '?')} and "
+                                  f"{getattr(fn, '__module__', '?')}); rename one of them.")
             self._table[key] = fn
             self._origin[key] = _current_origin.get(origin)
             return fn

@@ -84,6 +84,7 @@ TRAIN_FLAGS = {
     "out": "out", "val_every": "val_every", "log_every": "log_every", "workers": "workers", "policy": "policy",
     "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn", "val_split": "val_split",
     "poly_total": "poly_total", "ema_decay": "ema_decay", "recipe": "recipe", "diagnostics": "diagnostics",
+    "nproc": "nproc",
 }
 
 
@@ -143,8 +144,6 @@ def train(ctx: click.Context, **kw: Any) -> None:
     """Train an algorithm. Example: semiseg train --algo crossmatch --backbone vnet"""
     from semiseg.engine.config import TrainConfig, parse_options
 
-    if kw["nproc"] > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch_torchrun(kw["nproc"])
     for p in kw["plugins"]:
         registry.load_plugin(p)
     cfg = TrainConfig.load(kw["config_file"]) if kw["config_file"] else TrainConfig()
@@ -179,11 +178,27 @@ def train(ctx: click.Context, **kw: Any) -> None:
     cfg.plugins = sorted(set(cfg.plugins) | set(kw["plugins"]) | set((ctx.obj or {}).get("plugins", [])))
     if not cfg.out or (given("out") and kw["out"] is None):
         cfg.out = f"runs/{cfg.algo}-{cfg.data}-s{cfg.seed}"
+    if cfg.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {cfg.nproc}.")
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_torchrun(cfg.nproc)  # a config written by an --nproc N run reruns on N processes too
     last = Path(cfg.out) / "checkpoints" / "last.pt"
     if last.exists() and not kw["resume"]:
         raise ConfigError(f"Run directory '{cfg.out}' already holds a checkpoint; pass --resume to continue "
                           f"it or choose another --out.")
 
+    from semiseg.engine.runlog import log_only, run_log
+
+    # train.log holds everything from here on, the error sentence or traceback of a failed run included
+    with run_log(Path(cfg.out) / "train.log", enabled=int(os.environ.get("RANK", "0")) == 0):
+        try:
+            _train(cfg, kw, explicit)
+        except SemisegError as e:
+            log_only(f"error: {e}")  # the group prints the same sentence on the terminal
+            raise
+
+
+def _train(cfg: Any, kw: dict[str, Any], explicit: set[str]) -> None:
     from semiseg.engine.trainer import Trainer
 
     trainer = Trainer(cfg, quiet=kw["quiet"], explicit=explicit)
@@ -196,11 +211,12 @@ def train(ctx: click.Context, **kw: Any) -> None:
         console.print(f"[bold]semiseg[/] {cfg.algo} on {d.name} ({d.dim}D, {d.num_classes} classes, "
                       f"{len(d.labeled)} labeled / {len(d.unlabeled)} unlabeled), backbone "
                       f"{trainer.meta['backbone']} ({sum(p.numel() for p in trainer.model.parameters()):,} "
-                      f"parameters), {trainer.total} iterations on {trainer.device} -> {cfg.out}", highlight=False)
+                      f"parameters), {trainer.total} iterations on {trainer.device} -> {cfg.out}", highlight=False,
+                      soft_wrap=True)
     summary = trainer.fit(resume=kw["resume"])
     if trainer.dist.is_main and summary.get("last"):
         console.print(f"done: last val dice {summary['last']['dice']:.4f}, best {summary['best']['dice']:.4f} "
-                      f"at step {summary['best']['iteration']}; {cfg.out}", highlight=False)
+                      f"at step {summary['best']['iteration']}; {cfg.out}", highlight=False, soft_wrap=True)
 
 
 def yaml_keys(path: str) -> list[str]:

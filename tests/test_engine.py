@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -45,8 +46,12 @@ def test_supervised_2d_learns_and_leaves_run_outputs(tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0]
     assert any("val/dice" in r for r in rows)
-    # the saved config reruns the run
-    assert TrainConfig.load(run / "config.yaml") == cfg2d(tmp_path)
+    # the saved config is the run's with what the run decided written out, so it reruns the run
+    saved = TrainConfig.load(run / "config.yaml")
+    decided = {"unlabeled_batch_size": 4, "channels_last": True, "workers": 0, "val_split": "val",
+               "device": "cpu", "poly_total": 50, "policy": "medical2d"}
+    assert {k: getattr(saved, k) for k in decided} == decided
+    assert dataclasses.replace(saved, **{k: getattr(cfg2d(tmp_path), k) for k in decided}) == cfg2d(tmp_path)
 
 
 def test_supervised_3d_learns(tmp_path):

@@ -52,6 +52,7 @@ class TrainConfig:
     out: str = "runs/run"
     ema_decay: float | None = None  # override the algorithm's EMA decay
     sync_bn: bool = False
+    nproc: int = 1  # processes (torchrun); --batch-size is per process, so this keeps the global batch
     plugins: list[str] = field(default_factory=list)
 
     @classmethod

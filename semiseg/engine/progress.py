@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,24 +17,35 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from semiseg.engine.runlog import is_terminal, log_only, terminal
+
 
 class ProgressLog:
+    """metrics.jsonl rows, and progress for people: a live bar on a terminal, else one plain line per logged
+    step (step/total, loss, lr, it/s, elapsed, ETA, last validation Dice). train.log gets the plain lines
+    either way."""
+
     def __init__(self, path: Path, total: int, start: int, enabled: bool = True, quiet: bool = False) -> None:
         self.path, self.total, self.start, self.enabled = path, total, start, enabled
         self.show = enabled and not quiet
+        self.plain = self.show and not is_terminal()
         self.progress: Progress | None = None
         self.task = None
         self._f = None
+        self._t0 = time.perf_counter()
+        self._val: float | None = None
 
     def __enter__(self) -> ProgressLog:
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a")
-        if self.show:
+        self._t0 = time.perf_counter()
+        if self.show and not self.plain:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[its]:.2f} it/s"),
                 TextColumn("{task.fields[val]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(file=terminal()),
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.total, completed=self.start, loss=0.0,
@@ -50,17 +63,41 @@ class ProgressLog:
             return
         if log_row:
             self.record({"iter": iteration, **row})
+            line = self.line(iteration, row)
+            if self.plain:
+                print(line, flush=True)
+            elif self.enabled:
+                log_only(line)
         if self.progress is not None:
             its = 1000.0 / max(row.get("step_ms", 0) + row.get("data_ms", 0), 1e-6)
             self.progress.update(self.task, completed=iteration, loss=row["loss"], lr=row["lr"], its=its)
 
+    def line(self, iteration: int, row: dict[str, Any]) -> str:
+        """``step 40/200  loss 0.4123  lr 9.1e-03  3.21 it/s  elapsed 0:00:12  ETA 0:00:50  val dice 0.512``"""
+        elapsed = time.perf_counter() - self._t0
+        done = max(iteration - self.start, 0)
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - iteration) / rate if rate > 0 else float("nan")
+        val = f"  val dice {self._val:.4f}" if self._val is not None else ""
+        return (f"step {iteration}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {rate:.2f} it/s  "
+                f"elapsed {_hms(elapsed)}  ETA {_hms(eta)}{val}")
+
     def record(self, row: dict[str, Any]) -> None:
+        if "val/dice" in row:
+            self._val = float(row["val/dice"])
         if self._f is None:
             return
         self._f.write(json.dumps(row, default=float) + "\n")
         self._f.flush()
         if self.progress is not None and "val/dice" in row:
             self.progress.update(self.task, val=f"val dice {row['val/dice']:.4f}")
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -35,6 +35,8 @@ from semiseg.engine.perf import (
 )
 from semiseg.engine.progress import ProgressLog
 from semiseg.engine.recipes import apply_recipe
+from semiseg.engine.record import write_record
+from semiseg.engine.runlog import run_log
 from semiseg.errors import ConfigError, TrainingError
 from semiseg.evaluation.protocol import validate
 from semiseg.schedules import learning_rate
@@ -370,7 +372,8 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         try:
-            return self._fit(resume)
+            with run_log(self.out / "train.log", enabled=self.dist.is_main):
+                return self._fit(resume)
         finally:
             dist_utils.cleanup(self.dist)  # distributed: destroy the process group, also after an error
 
@@ -381,7 +384,7 @@ class Trainer:
         dist_utils.agree(self.dist, self.iteration, "step to resume from")  # distributed: all loaded last.pt
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            c.save(self.out / "config.yaml")
+            write_record(self, self.out)
         log = ProgressLog(self.out / "metrics.jsonl", self.total, self.iteration,
                           enabled=self.dist.is_main, quiet=self.quiet)
         interrupted = False

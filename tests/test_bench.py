@@ -107,7 +107,7 @@ def test_committed_row_is_skipped_and_copied(grid, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "committed_results", lambda preset: committed)
     _no_training(monkeypatch)
     new_out = tmp_path / "elsewhere"
-    result = runner.run_bench(tiny_preset(), new_out, algos=["supervised"], quiet=True, command="x")
+    result = runner.run_bench(tiny_preset(), new_out, algos=["supervised"], quiet=True, command="x", reuse=True)
     assert [s.algo for s in result.copied] == ["supervised"] and not result.ran
     rows = res.read_rows(new_out / "results.csv")
     assert len(rows) == 1 and rows[0]["mean_dice"] == sup[0]["mean_dice"]
@@ -313,3 +313,27 @@ def test_variant_rows_train_the_registered_algorithm_with_their_options():
     assert (cfg.algo, cfg.algo_options) == ("crossmatch", {"eta": 0.5, "plan": "official"})
     assert p.config("crossmatch", 2, 0, "out").algo_options == {"eta": 0.5}
     assert runner.plan(p, ["crossmatch@official"])[0].dirname == "crossmatch@official-l2-s0-it4"
+
+
+def test_fresh_out_runs_the_users_own_grid(grid, tmp_path, monkeypatch):
+    """Without --reuse, committed rows are neither copied nor skipped: the user's --out gets its own runs."""
+    out, _ = grid
+    committed = tmp_path / "committed" / "results.csv"
+    committed.parent.mkdir()
+    res.write_rows(committed, [r for r in res.read_rows(out / "results.csv") if r["algo"] == "supervised"])
+    monkeypatch.setattr(runner, "committed_results", lambda preset: committed)
+    ran = []
+    monkeypatch.setattr(runner, "run_one", lambda preset, spec, *a, **k: ran.append(spec.algo) or None)
+    result = runner.run_bench(tiny_preset(), tmp_path / "mine", algos=["supervised"], quiet=True, command="x")
+    assert ran == ["supervised"] and not result.copied
+    assert runner.grid_commands(tiny_preset(), tmp_path / "mine2", algos=["supervised"]) != []
+
+
+def test_no_bold_best_when_a_column_is_all_equal():
+    rows = [{"preset": "p", "algo": a, "labeled": "3", "seed": "0", "iterations": "4", "mean_dice": "0",
+             "mean_hd95": h} for a, h in (("a", "3"), ("b", "5"))]
+    md = res.markdown_table(rows)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| a") or ln.startswith("| b")]
+    dice_cells = [ln.split("|")[5].strip() for ln in lines]
+    assert dice_cells == ["0.00", "0.00"]  # all zero: nothing bold
+    assert "**3.00**" in md  # a real best is still bold

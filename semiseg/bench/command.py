@@ -70,6 +70,9 @@ def _plugins(ctx: click.Context) -> list[str]:
               help="Grid cells trained at once, each with an equal share of --threads (one GPU each where there "
                    "are several); new cells are then timed one at a time. Default: 2 on a CPU with 2 or more "
                    "cores (measured x1.14 faster on 2 cores), else the number of GPUs.")
+@click.option("--reuse", is_flag=True,
+              help="Take over rows of the committed results (benchmarks/results/<preset>) instead of running "
+                   "them again (default: a fresh --out runs the whole grid on this machine).")
 @click.option("--print-commands", is_flag=True,
               help="Print one `semiseg train` command per remaining cell (for a scheduler) and exit; rerun the "
                    "bench afterwards to evaluate and record them.")
@@ -81,11 +84,13 @@ def bench(ctx: click.Context, preset: str, algos: str | None, seeds: str | None,
           iterations: int | None, out: str | None, runs_dir: str | None, data_root: str | None,
           device: str | None, timing_warmup: int | None, timing_iters: int | None, threads: int | None,
           amp: bool | None, channels_last: bool | None, compile_: bool | None, workers: int | None,
-          jobs: int | None, print_commands: bool, time_only: bool, dry_run: bool, quiet: bool) -> None:
+          jobs: int | None, reuse: bool, print_commands: bool, time_only: bool, dry_run: bool,
+          quiet: bool) -> None:
     """Run algorithms x labeled splits x seeds at an equal budget; write results.csv/.md and plots.
 
-    Example: semiseg bench --preset smoke --out benchmarks/results/smoke. Finished runs (in OUT/results.csv
-    or the committed benchmarks/results/<preset>/results.csv) are skipped, so an interrupted bench resumes.
+    Example: semiseg bench --preset smoke --out benchmarks/results/smoke. Finished runs (in OUT/results.csv)
+    are skipped, so an interrupted bench resumes; --reuse also takes over the committed rows of
+    benchmarks/results/<preset>/results.csv.
     The speed options (--amp, --channels-last, --compile, --workers) make a variant of the preset, named
     e.g. acdc-cpu+channels_last, so its rows never mix with the preset's own.
     """
@@ -93,7 +98,7 @@ def bench(ctx: click.Context, preset: str, algos: str | None, seeds: str | None,
                                 ("workers", workers)) if v is not None}
     try:
         _bench(ctx, preset, algos, seeds, labeled, iterations, out, runs_dir, data_root, device, timing_warmup,
-               timing_iters, threads, speed, time_only, dry_run, quiet, jobs, print_commands)
+               timing_iters, threads, speed, time_only, dry_run, quiet, jobs, print_commands, reuse)
     except SemisegError as e:
         # the semiseg group prints these too; this keeps the command usable on its own
         if isinstance(ctx.find_root().command, click.Group) and ctx.find_root().command is not ctx.command:
@@ -109,7 +114,7 @@ def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str |
            iterations: int | None, out: str | None, runs_dir: str | None, data_root: str | None,
            device: str | None, timing_warmup: int | None, timing_iters: int | None, threads: int | None,
            speed: dict[str, bool | int], time_only: bool, dry_run: bool, quiet: bool, jobs: int | None = None,
-           print_commands: bool = False) -> None:
+           print_commands: bool = False, reuse: bool = False) -> None:
     from dataclasses import replace
     from pathlib import Path
 
@@ -171,7 +176,7 @@ def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str |
     out_dir = Path(out) if out else Path("bench") / preset.name
     if print_commands:
         for line in grid_commands(preset, out_dir, algo_list, seed_list, lab_list, iterations, data_root, device,
-                                  runs_dir, plugins):
+                                  runs_dir, plugins, reuse):
             click.echo(line)
         return
     if dry_run:
@@ -183,13 +188,14 @@ def _bench(ctx: click.Context, preset_name: str, algos: str | None, seeds: str |
             t.add_column(col)
         for s in specs:
             k = s.key(preset.name)
-            status = "done" if k in done else ("committed" if k in committed else "to run")
+            status = "done" if k in done else ("committed" if k in committed and reuse else
+                                               "to run (committed: --reuse)" if k in committed else "to run")
             t.add_row(s.algo, res.fmt_labeled(s.labeled), str(s.seed), str(s.iterations), status)
         Console().print(t)
         return
 
     result = run_bench(preset, out_dir, algo_list, seed_list, lab_list, iterations, data_root, device, runs_dir,
-                       plugins, quiet, timing, _command_line(ctx), threads, jobs=jobs)
+                       plugins, quiet, timing, _command_line(ctx), threads, jobs=jobs, reuse=reuse)
     console.print(f"{len(result.ran)} run(s) finished, {len(result.skipped) + len(result.copied)} skipped; "
                   f"{out_dir / 'results.csv'}, {out_dir / 'results.md'}", highlight=False)
     if result.interrupted:

@@ -226,9 +226,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], class_names: dict[str, str] |
     for block in sorted(by_block, key=lambda b: (b[0], to_float(b[1]), int(b[2]))):
         gs = by_block[block]
         best: dict[str, float] = {}
-        for col, _, higher, _, _ in metrics + MD_COST:
+        for col, _, higher, scale, dec in metrics + MD_COST:
             vals = [g["stats"][col][0] for g in gs if g["stats"][col][2] > 0]
-            if vals and len(gs) > 1:
+            # a column whose values are all equal (all 0 at a tiny budget, say) has no best
+            if len(vals) > 1 and len({round(v * scale, dec) for v in vals}) > 1:
                 best[col] = max(vals) if higher else min(vals)
         for g in gs:
             cells = [g["algo"], g["labeled"], g["iterations"], ",".join(str(s) for s in g["seeds"])]
@@ -377,7 +378,8 @@ def plot_dice_vs_time(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
         ax.set(title=f"{preset}: {labeled} labeled, {iterations} iterations", xlabel="training time (min)",
                ylabel="validation Dice (mean ± std over seeds)", ylim=(0, 1))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: never over the lines
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: never over the lines
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -391,7 +391,7 @@ def run_bench(preset: Preset | str, out: str | Path | None = None, algos: Sequen
               runs_dir: str | Path | None = None, plugins: Sequence[str] = (), quiet: bool = False,
               timing: dict[str, int] | None = None, command: str | None = None, threads: int | None = None,
               fresh_process: bool = True, on_row: Callable[[dict[str, Any]], None] | None = None,
-              jobs: int = 1) -> BenchResult:
+              jobs: int = 1, reuse: bool = False) -> BenchResult:
     """Run (or finish) the grid of ``preset`` into ``out`` (default ``bench/<preset>``) and write the reports.
 
     ``algos`` / ``seeds`` / ``labeled`` / ``iterations`` override the preset's grid (``iterations`` changes the
@@ -400,14 +400,15 @@ def run_bench(preset: Preset | str, out: str | Path | None = None, algos: Sequen
     for training, timing and evaluation (on a shared or oversubscribed CPU, 1 is often faster than 2);
     ``fresh_process`` times each run in a new process (see :func:`run_one`). ``jobs`` > 1 trains that many
     cells at once in worker processes, dividing the threads among them (one GPU each where there are several),
-    then times the new cells one at a time.
+    then times the new cells one at a time. Rows of the committed results (``benchmarks/results/<preset>``)
+    are taken over only with ``reuse`` (or when ``out`` is that folder).
     """
     prev_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         return _run_bench(preset, out, algos, seeds, labeled, iterations, data_root, device, runs_dir, plugins,
-                          quiet, timing, command, threads, fresh_process, on_row, jobs)
+                          quiet, timing, command, threads, fresh_process, on_row, jobs, reuse)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -416,7 +417,8 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
                seeds: Sequence[int] | None, labeled: Sequence[float] | None, iterations: int | None,
                data_root: str | None, device: str | None, runs_dir: str | Path | None, plugins: Sequence[str],
                quiet: bool, timing: dict[str, int] | None, command: str | None, threads: int | None,
-               fresh_process: bool, on_row: Callable[[dict[str, Any]], None] | None, jobs: int = 1) -> BenchResult:
+               fresh_process: bool, on_row: Callable[[dict[str, Any]], None] | None, jobs: int = 1,
+               reuse: bool = False) -> BenchResult:
     for p in plugins:
         registry.load_plugin(p)
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -429,10 +431,16 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
 
     done = {res.row_key(r) for r in res.read_rows(out / "results.csv")}
     skipped = [s for s in specs if s.key(preset.name) in done]
-    copied = _take_over_committed(preset, specs, out, done)
+    # committed rows count only where asked: a fresh --out runs the user's own grid on the user's machine
+    copied = _take_over_committed(preset, specs, out, done) if reuse else []
     todo = [s for s in specs if s not in skipped and s not in copied]
     title = f"Benchmark `{preset.name}`"
     notes = preset_notes(preset)
+    given = {"iterations": iterations, "data root": data_root, "device": device, "threads": threads,
+             "concurrent jobs": jobs if jobs > 1 else None, "timing": timing}
+    used = [f"{k} {v}" for k, v in given.items() if v is not None]
+    if used:
+        notes.append("Given on the command line, over the preset: " + ", ".join(used) + ".")
     write_reports(out, title, notes)
     result = BenchResult(out=out, rows=[], skipped=skipped, copied=copied)
 
@@ -491,7 +499,7 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
 def grid_commands(preset: Preset | str, out: str | Path | None = None, algos: Sequence[str] | None = None,
                   seeds: Sequence[int] | None = None, labeled: Sequence[float] | None = None,
                   iterations: int | None = None, data_root: str | None = None, device: str | None = None,
-                  runs_dir: str | Path | None = None, plugins: Sequence[str] = ()) -> list[str]:
+                  runs_dir: str | Path | None = None, plugins: Sequence[str] = (), reuse: bool = False) -> list[str]:
     """One ``semiseg train`` command per cell not yet in ``out``'s results, for a scheduler (a SLURM array, say).
 
     Each cell's resolved config is written to ``out/configs/<cell>.yaml``; the command trains it into the run
@@ -503,7 +511,8 @@ def grid_commands(preset: Preset | str, out: str | Path | None = None, algos: Se
     out = Path(out) if out is not None else Path("bench") / preset.name
     runs = Path(runs_dir) if runs_dir is not None else out / "runs"
     done = {res.row_key(r) for r in res.read_rows(out / "results.csv")}
-    done |= {res.row_key(r) for r in res.read_rows(committed_results(preset))}
+    if reuse:
+        done |= {res.row_key(r) for r in res.read_rows(committed_results(preset))}
     commands = []
     for spec in plan(preset, algos, seeds, labeled, iterations, data_root):
         if spec.key(preset.name) in done:

@@ -47,6 +47,8 @@ def git_commit() -> tuple[str | None, bool | None]:
 
 
 def _factory_default(table: registry.Registry, name: str, param: str) -> Any:
+    if name not in table.names():  # in-memory data has no factory
+        return None
     fn = table.get(name)
     target = fn.__init__ if inspect.isclass(fn) else fn
     p = inspect.signature(target).parameters.get(param)

@@ -135,7 +135,8 @@ class Trainer:
     """``explicit``: the config fields the user gave, which ``--recipe official`` leaves alone (None: those that
     differ from TrainConfig's defaults; see engine/recipes.py)."""
 
-    def __init__(self, cfg: TrainConfig, quiet: bool = False, explicit: Iterable[str] | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, quiet: bool = False, explicit: Iterable[str] | None = None,
+                 data: Any = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.quiet = quiet
@@ -146,7 +147,7 @@ class Trainer:
         self.out = Path(cfg.out)
         if self.dist.is_main:
             check_output_dir(self.out)
-        self.data = build_data(cfg)
+        self.data = data if data is not None else build_data(cfg)  # data: an in-memory SegData (Python API)
         self.recipe = apply_recipe(cfg, self.data, explicit)
         cfg.validate()
         seed_everything(cfg.seed)

@@ -131,6 +131,8 @@ TRAIN_FLAGS = {
 @click.option("--val-split", help="Split used for validation (default: the dataset's).")
 @click.option("--ema-decay", type=float, help="Override the EMA teacher decay.")
 @click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--logger", "loggers", multiple=True, type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+              help="Experiment tracker (may be given several times); pip install \"semiseg[tracking]\".")
 @click.option("--diagnostics/--no-diagnostics", default=False, show_default=True,
               help="Log each pseudo-label edge's accuracy against the unlabeled images' true labels (where the "
                    "data has them; never used by a loss).")
@@ -164,6 +166,8 @@ def train(ctx: click.Context, **kw: Any) -> None:
         cfg.data_root = str(Path(kw["data_root"]).expanduser().resolve())
     if kw["patch_size"]:
         cfg.patch_size = _parse_size(kw["patch_size"])
+    if kw["loggers"]:
+        cfg.loggers = list(dict.fromkeys([*cfg.loggers, *kw["loggers"]]))
     cfg.algo_options.update(parse_options(kw["algo_opts"], "--opt"))
     cfg.backbone_options.update(parse_options(kw["backbone_opts"], "--backbone-opt"))
     cfg.data_options.update(parse_options(kw["data_opts"], "--data-opt"))

@@ -48,6 +48,7 @@ class TrainConfig:
     val_split: str | None = None
     val_max_cases: int | None = None
     log_every: int = 10
+    loggers: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow
     diagnostics: bool = False  # log pseudo-label accuracy against the unlabeled images' true labels
     out: str = "runs/run"
     ema_decay: float | None = None  # override the algorithm's EMA decay

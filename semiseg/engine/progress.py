@@ -25,8 +25,10 @@ class ProgressLog:
     step (step/total, loss, lr, it/s, elapsed, ETA, last validation Dice). train.log gets the plain lines
     either way."""
 
-    def __init__(self, path: Path, total: int, start: int, enabled: bool = True, quiet: bool = False) -> None:
+    def __init__(self, path: Path, total: int, start: int, enabled: bool = True, quiet: bool = False,
+                 trackers: list[Any] | None = None) -> None:
         self.path, self.total, self.start, self.enabled = path, total, start, enabled
+        self.trackers = list(trackers or [])  # experiment trackers get every row metrics.jsonl gets
         self.show = enabled and not quiet
         self.plain = self.show and not is_terminal()
         self.progress: Progress | None = None
@@ -53,6 +55,8 @@ class ProgressLog:
         return self
 
     def __exit__(self, *exc) -> None:
+        for t in self.trackers:
+            t.close()
         if self.progress is not None:
             self.progress.stop()
         if self._f is not None:
@@ -87,6 +91,8 @@ class ProgressLog:
             self._val = float(row["val/dice"])
         if self._f is None:
             return
+        for t in self.trackers:
+            t.log(int(row.get("iter", 0)), row)
         self._f.write(json.dumps(row, default=float) + "\n")
         self._f.flush()
         if self.progress is not None and "val/dice" in row:

@@ -35,8 +35,9 @@ from semiseg.engine.perf import (
 )
 from semiseg.engine.progress import ProgressLog
 from semiseg.engine.recipes import apply_recipe
-from semiseg.engine.record import write_record
+from semiseg.engine.record import resolved_config, write_record
 from semiseg.engine.runlog import run_log
+from semiseg.engine.tracking import check_loggers, open_trackers
 from semiseg.errors import ConfigError, TrainingError
 from semiseg.evaluation.protocol import validate
 from semiseg.schedules import learning_rate
@@ -138,6 +139,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, quiet: bool = False, explicit: Iterable[str] | None = None,
                  data: Any = None) -> None:
         cfg.validate()
+        check_loggers(cfg.loggers)  # a missing tracker package stops the run now, not after building the data
         self.cfg = cfg
         self.quiet = quiet
         for p in cfg.plugins:
@@ -386,8 +388,9 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_record(self, self.out)
+        trackers = open_trackers(c.loggers, self.out, resolved_config(self).to_dict()) if self.dist.is_main else []
         log = ProgressLog(self.out / "metrics.jsonl", self.total, self.iteration,
-                          enabled=self.dist.is_main, quiet=self.quiet)
+                          enabled=self.dist.is_main, quiet=self.quiet, trackers=trackers)
         interrupted = False
         prev_handler = signal.getsignal(signal.SIGTERM)
         if self.dist.is_main and hasattr(signal, "SIGTERM"):

@@ -210,11 +210,9 @@ def load_weights(model: nn.Module, path: str) -> dict[str, Any]:
         raise ConfigError(
             f"Weights file '{path}' does not exist; pass a local state_dict file (nothing is downloaded)."
         )
-    try:
-        obj = torch.load(p, map_location="cpu")
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"Cannot read weights '{path}': {e}") from e
-    state = _unwrap(obj, path)
+    from semiseg.engine.checkpoint import safe_load
+
+    state = _unwrap(safe_load(p, what="Weights file"), path)  # weights-only: a file cannot run code
 
     targets: list[tuple[str, nn.Module]] = [("model", model), ("encoder", model.encoder)]
     inner = getattr(model.encoder, "model", None)

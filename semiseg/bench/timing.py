@@ -276,6 +276,10 @@ def _worker(argv: list[str]) -> None:
 
     with open(cfg_path) as f:
         cfg = TrainConfig.from_dict(json.load(f), source="timing config")
+    from semiseg import registry
+
+    for p in cfg.plugins:  # named by the user on the bench's command line, handed to this timing process
+        registry.load_plugin(p)
     trainer = Trainer(cfg, quiet=True, explicit=TrainConfig.field_names())  # a resolved config
     if resume == "1":
         trainer.resume()

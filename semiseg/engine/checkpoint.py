@@ -1,11 +1,18 @@
-"""Checkpoints written atomically: a temp file in the same directory, flushed to disk, then renamed.
+"""Checkpoints written atomically, and read without running code.
 
-A crash (or kill -9) mid-write leaves at most a stray ``*.tmp``; ``last.pt`` is always the previous good one.
+Writing: a temp file in the same directory, flushed to disk, then renamed. A crash (or kill -9) mid-write
+leaves at most a stray ``*.tmp``; ``last.pt`` is always the previous good one.
+
+Reading: checkpoints are what people share, and a pickle can run any code when it is loaded. Every checkpoint
+and weights file is read with ``torch.load(weights_only=True)``, which accepts only tensors and plain values
+(what semiseg writes), or from ``.safetensors``; a file holding anything else is refused in one sentence before
+any of it runs.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,17 +42,35 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
+def safe_load(path: str | Path, what: str = "Checkpoint") -> Any:
+    """``path`` read without executing code: safetensors, or torch's weights-only unpickler."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - any malformed file
+            raise CheckpointError(f"{what} '{path}' is not a valid safetensors file ({type(e).__name__}).") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{what} '{path}' holds Python objects other than tensors and plain values, so semiseg does not load "
+            f"it (unpickling it could run code); use a checkpoint written by semiseg or a .safetensors file."
+        ) from e
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways
+        raise CheckpointError(
+            f"{what} '{path}' cannot be read ({type(e).__name__}); it is truncated or not a semiseg "
+            f"checkpoint, use another one (checkpoints/best.pt or last.pt)."
+        ) from e
+
+
 def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint '{path}' does not exist; pass a run directory or a .pt file.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(
-            f"Checkpoint '{path}' cannot be read ({type(e).__name__}); it is truncated or not a semiseg "
-            f"checkpoint, use another one (checkpoints/best.pt or last.pt)."
-        ) from e
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "meta" not in ckpt:
         raise CheckpointError(f"Checkpoint '{path}' is not a semiseg checkpoint (format {FORMAT}).")
     return ckpt

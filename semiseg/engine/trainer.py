@@ -142,8 +142,7 @@ class Trainer:
         check_loggers(cfg.loggers)  # a missing tracker package stops the run now, not after building the data
         self.cfg = cfg
         self.quiet = quiet
-        for p in cfg.plugins:
-            registry.load_plugin(p)
+        registry.require_plugins(cfg.plugins, "The config")  # loaded by whoever named them, never from a file
         self.dist = dist_utils.init()
         self.device = dist_utils.device_for(self.dist, pick_device(cfg.device))
         self.out = Path(cfg.out)

@@ -43,8 +43,7 @@ def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = 
     ck_path = ckpt_io.resolve(path, prefer=which)
     ck = ckpt_io.load(ck_path)
     cfg = TrainConfig.from_dict(ck["config"], source=f"Checkpoint '{ck_path}'")
-    for p in cfg.plugins:
-        registry.load_plugin(p)
+    registry.require_plugins(cfg.plugins, f"Checkpoint '{ck_path}'")
     if data_root is not None:
         cfg.data_root = data_root
     data = build_data(cfg)

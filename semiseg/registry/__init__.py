@@ -204,6 +204,16 @@ def load_plugin(spec: str) -> None:
     _loaded_plugins.append(spec)
 
 
+def require_plugins(names: list[str] | tuple[str, ...], source: str) -> None:
+    """Refuse, in one sentence, a stored config or checkpoint that names plugins the user did not load: a
+    plugin is code, and semiseg runs code only when the user names it on the command line (or in the API)."""
+    _ensure_builtins()
+    missing = [n for n in names if n not in _loaded_plugins]
+    if missing:
+        raise ConfigError(f"{source} names plugin(s) {', '.join(missing)}, which semiseg does not load on its own "
+                          f"(a plugin runs code); if you trust it, pass --plugin {missing[0]}.")
+
+
 def loaded_plugins() -> list[str]:
     _ensure_builtins()
     return list(_loaded_plugins)

@@ -1,0 +1,87 @@
+"""Loading never runs code: hostile checkpoints and weights files are refused; stored plugin names are not run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from semiseg.cli import cli
+from semiseg.engine import checkpoint as ckpt_io
+from semiseg.errors import CheckpointError
+
+
+class Payload:
+    """Unpickling this creates a marker file: what a malicious checkpoint would do (with worse code)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "hostile.pt"
+    torch.save({"format": ckpt_io.FORMAT, "meta": {"dim": 2}, "model": {}, "payload": Payload(marker)}, path)
+    return path, marker
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_hostile_checkpoint_is_refused_everywhere_and_never_runs(hostile, tmp_path):
+    path, marker = hostile
+    img = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(img)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(path.read_bytes())
+    results = {
+        "predict": invoke("predict", str(path), str(img), "--out", str(tmp_path / "pred")),
+        "eval": invoke("eval", str(path)),
+        "resume": invoke("train", "--algo", "supervised", "--data-opt", "size=32,32", "--patch-size", "32,32",
+                         "--iterations", "1", "--out", str(run), "--resume", "--quiet"),
+        "weights": invoke("train", "--backbone", "smp", "--arch", "Unet", "--encoder", "resnet18",
+                          "--weights", str(path), "--data-opt", "size=32,32", "--patch-size", "32,32",
+                          "--iterations", "1", "--out", str(tmp_path / "w"), "--quiet"),
+    }
+    for what, r in results.items():
+        assert r.exit_code == 2, (what, r.output)
+        named = "last.pt" if what == "resume" else path.name
+        assert "could run code" in r.output and named in r.output, (what, r.output)
+        assert "Traceback" not in r.output
+    assert not marker.exists()
+
+
+def test_own_checkpoints_still_load_and_safetensors_weights_are_read(tmp_path):
+    state = {"format": ckpt_io.FORMAT, "meta": {"dim": 2}, "iteration": 3, "best": {"dice": 0.5},
+             "model": {"w": torch.ones(2)}, "rng": {"torch": torch.get_rng_state(), "cuda": None}}
+    ckpt_io.save_atomic(state, tmp_path / "ok.pt")
+    assert ckpt_io.load(tmp_path / "ok.pt")["best"] == {"dice": 0.5}
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(3.0)}, str(tmp_path / "w.safetensors"))
+    assert torch.equal(ckpt_io.safe_load(tmp_path / "w.safetensors")["w"], torch.arange(3.0))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        ckpt_io.safe_load(tmp_path / "bad.safetensors")
+
+
+def test_a_stored_config_that_names_plugins_is_reported_not_run(tmp_path):
+    marker = tmp_path / "RAN"
+    plugin = tmp_path / "evil_plugin.py"
+    plugin.write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"algo: supervised\nplugins: [{plugin}]\niterations: 1\n")
+    r = invoke("train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet")
+    assert r.exit_code == 2 and "does not load on its own" in r.output and "--plugin" in r.output
+    assert not marker.exists()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from semiseg.engine.config import TrainConfig
-from semiseg.errors import ConfigError, DataError
+from semiseg.errors import DataError
 
 # the command line's conveniences that are not TrainConfig fields
 _BACKBONE_SHORTCUTS = ("width", "arch", "encoder", "weights")
@@ -45,6 +45,7 @@ def train(algo: str = "supervised", *, data: Any = None, out: str | Path | None 
     ``data`` is a dataset name (``"acdc"``, with ``data_root=...``) or an in-memory :func:`semiseg.arrays`."""
     from semiseg import registry
     from semiseg.data.base import SegData
+    from semiseg.engine.lock import check_run_dir
     from semiseg.engine.record import resolved_config
     from semiseg.engine.trainer import Trainer
 
@@ -70,9 +71,7 @@ def train(algo: str = "supervised", *, data: Any = None, out: str | Path | None 
         data_options["dim"] = 3 if d.get("backbone") in ("vnet", "unet3d") else 2
     d["out"] = str(out) if out is not None else f"runs/{algo}-{d.get('data', 'synthetic')}-s{d.get('seed', 0)}"
     cfg = TrainConfig.from_dict(d, source="semiseg.train()")
-    if (Path(cfg.out) / "checkpoints" / "last.pt").exists() and not resume:
-        raise ConfigError(f"Run directory '{cfg.out}' already holds a checkpoint; pass resume=True to continue it "
-                          f"or choose another out.")
+    check_run_dir(Path(cfg.out), resume, flag="resume=True")
     trainer = Trainer(cfg, quiet=quiet, explicit=set(d) - {"out", "plugins"}, data=memory)
     summary = trainer.fit(resume=resume)
     return Run(Path(cfg.out), summary, resolved_config(trainer), list(trainer.notes))

@@ -186,10 +186,9 @@ def train(ctx: click.Context, **kw: Any) -> None:
         raise ConfigError(f"--nproc must be at least 1, got {cfg.nproc}.")
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_torchrun(cfg.nproc)  # a config written by an --nproc N run reruns on N processes too
-    last = Path(cfg.out) / "checkpoints" / "last.pt"
-    if last.exists() and not kw["resume"]:
-        raise ConfigError(f"Run directory '{cfg.out}' already holds a checkpoint; pass --resume to continue "
-                          f"it or choose another --out.")
+    from semiseg.engine.lock import check_run_dir
+
+    check_run_dir(Path(cfg.out), kw["resume"])
 
     from semiseg.engine.runlog import log_only, run_log
 

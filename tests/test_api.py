@@ -46,7 +46,7 @@ def test_train_takes_the_cli_options_and_refuses_unknown_ones(tmp_path):
     assert run.config.backbone_options == {"width": 0.25} and run.config.patch_size == [32, 32]
     with pytest.raises(ConfigError, match="unknown keys \\['iters'\\]"):
         semiseg.train(algo="supervised", iters=3, out=tmp_path / "x")
-    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+    with pytest.raises(ConfigError, match="already holds a run .*; pass resume=True"):
         semiseg.train(algo="supervised", iterations=2, out=tmp_path / "r")
 
 

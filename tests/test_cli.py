@@ -142,10 +142,10 @@ def test_rerun_into_an_existing_run_is_refused(run2d):
     res = invoke("train", "--config", run / "config.yaml")  # the config's out is the run itself
     assert res.exit_code == 2
     msg = err(res)
-    assert f"error: Run directory '{run}' already holds a checkpoint; pass --resume to continue it or choose " \
-           f"another --out." == msg
+    assert f"error: Run directory '{run}' already holds a run (checkpoints, config.yaml, metrics.jsonl); pass " \
+           f"--resume to continue it or choose another --out." == msg
     res = invoke("train", *TINY_2D, "--iterations", 4, "--out", run)
-    assert res.exit_code == 2 and "already holds a checkpoint" in flat(res.stderr)
+    assert res.exit_code == 2 and "already holds a run" in flat(res.stderr)
     assert (run / "metrics.jsonl").read_text() == before  # nothing was touched
 
 

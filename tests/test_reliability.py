@@ -252,7 +252,7 @@ def test_foreign_checkpoint_is_refused_naming_the_difference(invoke, tmp_path):
         # refused before anything was written: the checkpoint and the config are untouched
         assert (last.read_bytes(), (run / "config.yaml").read_text()) == before
     # and without --resume the run directory is protected too
-    assert "already holds a checkpoint; pass --resume" in error_line(invoke(*base))
+    assert "already holds a run (checkpoints, config.yaml, metrics.jsonl); pass --resume" in error_line(invoke(*base))
 
 
 # --------------------------------------------------------------------------- unwritable or full output directory

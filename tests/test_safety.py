@@ -85,3 +85,42 @@ def test_a_stored_config_that_names_plugins_is_reported_not_run(tmp_path):
     r = invoke("train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet")
     assert r.exit_code == 2 and "does not load on its own" in r.output and "--plugin" in r.output
     assert not marker.exists()
+
+
+def test_a_second_training_into_a_live_run_directory_stops_and_a_stale_lock_is_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from semiseg.engine.lock import run_lock
+    from semiseg.errors import TrainingError
+
+    run = tmp_path / "run"
+    with run_lock(run):
+        assert (run / ".lock").read_text() == str(os.getpid())
+        # another process holding the lock: a live one refuses, in one sentence naming it
+        holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            (run / ".lock").write_text(str(holder.pid))
+            with pytest.raises(TrainingError, match=f"being written by another training \\(process {holder.pid}\\)"):
+                with run_lock(run):
+                    pass
+        finally:
+            holder.kill()
+            holder.wait()
+        # the holder is gone: its lock is stale and taken over
+        with run_lock(run):
+            assert (run / ".lock").read_text() == str(os.getpid())
+    assert not (run / ".lock").exists()
+
+
+def test_a_run_directory_without_checkpoint_is_not_reused_and_out_may_not_be_a_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    r = invoke("train", "--iterations", "1", "--out", str(run), "--quiet")
+    assert r.exit_code == 2 and "already holds a run (metrics.jsonl)" in r.output
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = invoke("train", "--iterations", "1", "--out", str(f), "--quiet")
+    assert r.exit_code == 2 and "is an existing file" in r.output

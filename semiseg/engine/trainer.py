@@ -26,6 +26,7 @@ from semiseg.engine.config import TrainConfig
 from semiseg.engine.diagnostics import pseudo_label_stats, split_truth
 from semiseg.engine.ema import EMATeacher
 from semiseg.engine.loaders import ZipLoaders, make_loader
+from semiseg.engine.lock import run_lock
 from semiseg.engine.perf import (
     channels_last_format,
     compile_backbone,
@@ -374,7 +375,8 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         try:
-            with run_log(self.out / "train.log", enabled=self.dist.is_main):
+            with run_log(self.out / "train.log", enabled=self.dist.is_main), \
+                    run_lock(self.out, enabled=self.dist.is_main):
                 return self._fit(resume)
         finally:
             dist_utils.cleanup(self.dist)  # distributed: destroy the process group, also after an error

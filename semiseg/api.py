@@ -67,6 +67,8 @@ def train(algo: str = "supervised", *, data: Any = None, out: str | Path | None 
     elif data is not None:
         d["data"] = data
     d.update(options, backbone_options=backbone_options, data_options=data_options)
+    if d.get("data_root") is not None:
+        d["data_root"] = str(Path(d["data_root"]).expanduser().resolve())
     if d.get("data", "synthetic") == "synthetic" and "dim" not in data_options:
         data_options["dim"] = 3 if d.get("backbone") in ("vnet", "unet3d") else 2
     d["out"] = str(out) if out is not None else f"runs/{algo}-{d.get('data', 'synthetic')}-s{d.get('seed', 0)}"

@@ -214,12 +214,13 @@ def _train(cfg: Any, kw: dict[str, Any], explicit: set[str]) -> None:
         console.print(f"[bold]semiseg[/] {cfg.algo} on {d.name} ({d.dim}D, {d.num_classes} classes, "
                       f"{len(d.labeled)} labeled / {len(d.unlabeled)} unlabeled), backbone "
                       f"{trainer.meta['backbone']} ({sum(p.numel() for p in trainer.model.parameters()):,} "
-                      f"parameters), {trainer.total} iterations on {trainer.device} -> {cfg.out}", highlight=False,
+                      f"parameters), {trainer.total} iterations on {trainer.device} -> {escape(cfg.out)}",
+                      highlight=False,
                       soft_wrap=True)
     summary = trainer.fit(resume=kw["resume"])
     if trainer.dist.is_main and summary.get("last"):
         console.print(f"done: last val dice {summary['last']['dice']:.4f}, best {summary['best']['dice']:.4f} "
-                      f"at step {summary['best']['iteration']}; {cfg.out}", highlight=False, soft_wrap=True)
+                      f"at step {summary['best']['iteration']}; {escape(cfg.out)}", highlight=False, soft_wrap=True)
 
 
 def yaml_keys(path: str) -> list[str]:
@@ -284,7 +285,7 @@ def eval_cmd(run: str, split: str, which: str, data_root: str | None, out: str |
     for name, stats in rows:
         t.add_row(str(name), *(_fmt(stats.get(m)) for m in ("dice", "jaccard", "hd95", "asd")))
     Console().print(t)
-    console.print(f"report: {s['out_dir']}", highlight=False)
+    console.print(f"report: {escape(str(s['out_dir']))}", highlight=False, soft_wrap=True)
 
 
 def _fmt(stat: Any) -> str:
@@ -308,7 +309,7 @@ def predict(checkpoint: str, inputs: tuple[str, ...], out: str, fmt: str | None,
     from semiseg.evaluation.runs import predict_files
 
     for p in predict_files(checkpoint, list(inputs), out, device=device, fmt=fmt):
-        console.print(f"wrote {p}", highlight=False)
+        console.print(f"wrote {escape(str(p))}", highlight=False, soft_wrap=True)
 
 
 # -- list -----------------------------------------------------------------------------------------------------

@@ -88,6 +88,33 @@ class TrainConfig:
         return cls.from_dict(d, source=f"Config file '{p}'")
 
     def validate(self) -> None:
+        """Every option's type and range, in one sentence naming the option, the value and what is accepted."""
+        from semiseg.validation import check_value
+
+        for f in dataclasses.fields(self):
+            check_value(f.name, getattr(self, f.name), f.type if isinstance(f.type, str) else None, "The config")
+        ranges = [  # (option, value, ok, accepted)
+            ("--unlabeled-batch-size", self.unlabeled_batch_size, lambda v: v is None or v >= 1, "at least 1"),
+            ("--val-every", self.val_every, lambda v: v >= 1, "at least 1"),
+            ("--log-every", self.log_every, lambda v: v >= 1, "at least 1"),
+            ("--workers", self.workers, lambda v: v is None or v >= 0, "0 or more"),
+            ("--warmup", self.warmup, lambda v: v >= 0, "0 or more"),
+            ("--clip-grad", self.clip_grad, lambda v: v is None or v > 0, "a positive norm"),
+            ("--poly-total", self.poly_total, lambda v: v is None or v >= 1, "at least 1"),
+            ("--ema-decay", self.ema_decay, lambda v: v is None or 0 <= v <= 1, "in [0, 1]"),
+            ("--momentum", self.momentum, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("--weight-decay", self.weight_decay, lambda v: v >= 0, "0 or more"),
+            ("--seed", self.seed, lambda v: v >= 0, "0 or more"),
+            ("--nproc", self.nproc, lambda v: v >= 1, "at least 1"),
+            ("--val-max-cases", self.val_max_cases, lambda v: v is None or v >= 1, "at least 1"),
+            ("--patch-size", self.patch_size, lambda v: v is None or (len(v) in (2, 3) and min(v) >= 1),
+             "2 or 3 positive sizes"),
+            ("--width", self.backbone_options.get("width"),
+             lambda v: v is None or (isinstance(v, (int, float)) and v > 0), "a positive multiplier"),
+        ]
+        for flag, value, ok, accepted in ranges:
+            if not ok(value):
+                raise ConfigError(f"{flag} {value} is out of range; it must be {accepted}.")
         if self.iterations < 1:
             raise ConfigError(f"--iterations must be at least 1, got {self.iterations}.")
         if self.batch_size < 1:

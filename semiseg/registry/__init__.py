@@ -59,6 +59,9 @@ class Registry:
     def create(self, name: str, **kwargs: Any) -> Any:
         fn = self.get(name)
         check_kwargs(fn, kwargs, f"{self.kind} '{name}'")
+        from semiseg.validation import check_call
+
+        check_call(fn, kwargs, f"{self.kind} '{name}'")  # threshold=high, width="wide": one sentence
         return fn(**kwargs)
 
     def names(self) -> list[str]:

@@ -150,3 +150,30 @@ def test_unwritable_output_fails_before_training(tmp_path):
     blocker.write_text("not a directory")  # even root cannot create a directory under a file
     with pytest.raises(TrainingError, match="not writable"):
         Trainer(cfg2d(tmp_path, out=str(blocker / "run")))
+
+
+def test_sigterm_after_the_optimizer_step_loses_and_replays_nothing(tmp_path):
+    """A scheduler's SIGTERM that lands between the optimizer step and the step counter used to save the new
+    weights with the old count, so resume replayed that step; the step now finishes first."""
+    import os
+    import signal
+
+    full = Trainer(cfg2d(tmp_path, out=str(tmp_path / "a"), iterations=12, val_every=6), quiet=True)
+    full.fit()
+    part = Trainer(cfg2d(tmp_path, out=str(tmp_path / "b"), iterations=12, val_every=6), quiet=True)
+    step = part.optimizer.step
+    calls = {"n": 0}
+
+    def step_then_sigterm(*a, **k):
+        out = step(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    part.optimizer.step = step_then_sigterm
+    s = part.fit()
+    assert s["interrupted"] and s["iteration"] == 8  # the 8th step was completed and counted
+    resumed = Trainer(cfg2d(tmp_path, out=str(tmp_path / "b"), iterations=12, val_every=6), quiet=True)
+    assert resumed.fit(resume=True)["iteration"] == 12
+    assert torch.equal(params(full.model), params(resumed.model))

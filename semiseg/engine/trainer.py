@@ -8,9 +8,10 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -413,8 +414,9 @@ class Trainer:
                         data_s = time.perf_counter() - t_wait
                         t0 = time.perf_counter()
                         batch = self._to_device(batch)
-                        row = self.train_step(batch, it)
-                        self.iteration = it + 1
+                        with deferred_interrupts():  # a step and its count are saved together or not at all
+                            row = self.train_step(batch, it)
+                            self.iteration = it + 1
                         row["data_ms"] = 1000 * data_s
                         row["step_ms"] = 1000 * (time.perf_counter() - t0)
                         log.step(self.iteration, row, log_row=self.iteration % c.log_every == 0
@@ -460,6 +462,25 @@ class Trainer:
 
 def _raise_interrupt(signum, frame):  # SIGTERM (a scheduler's stop) saves like Ctrl-C
     raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a training step takes effect when the step (optimizer, EMA, counter) is done,
+    so the state saved on interrupt is always a whole number of steps and resume replays none of them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def env_rank() -> int:

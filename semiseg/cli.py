@@ -251,7 +251,7 @@ def _relaunch_torchrun(nproc: int) -> None:
 @click.option("--checkpoint", "which", type=click.Choice(["last", "best"]), default="last", show_default=True,
               help="Which checkpoint of a run directory (the CrossMatch paper reports last).")
 @click.option("--data-root", help="Where the data lives now, if it moved since training.")
-@click.option("--out", help="Report directory (default RUN/eval).")
+@click.option("--out", help="Report directory (default RUN/eval/<split>-<checkpoint>, e.g. RUN/eval/test-last).")
 @click.option("--save-pred", type=click.Choice(["nifti", "h5", "none"]), default="nifti", show_default=True)
 @click.option("--empty", type=click.Choice(["nan", "zero", "penalize"]), default="nan", show_default=True,
               help="One-sided empty masks: nan leaves their HD95/ASD out (counted as missing); zero scores "

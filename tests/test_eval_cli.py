@@ -89,7 +89,7 @@ def test_eval_writes_the_report(run2d):
     run, _ = run2d
     res = invoke("eval", run, "--split", "val")
     assert res.exit_code == 0, res.output
-    out = run / "eval"
+    out = run / "eval" / "val-last"  # named by split and checkpoint
     assert f"report: {out}" in flat(res.stderr)
     assert "split 'val', last checkpoint (step 4, " in flat(res.stdout) and "last.pt): 3 cases" in flat(res.stdout)
     table = [line for line in res.stdout.splitlines() if line.startswith("│")]
@@ -146,7 +146,8 @@ def test_dice_in_summary_matches_the_saved_predictions(run2d, tmp_path):
     # the report of a checkpoint file goes beside it by default
     res = invoke("eval", rand, "--split", "val", "--save-pred", "none")
     assert res.exit_code == 0, res.output
-    assert (rand.parent / "eval" / "summary.json").is_file() and not (rand.parent / "eval" / "pred").exists()
+    rep = rand.parent / "eval" / "val-rand"
+    assert (rep / "summary.json").is_file() and not (rep / "pred").exists()
 
 
 def test_eval_best_checkpoint_and_h5_predictions(run2d, tmp_path):
@@ -257,12 +258,13 @@ def test_eval_3d_sliding_window(tmp_path):
     assert res.exit_code == 0, res.output
     res = invoke("eval", run, "--split", "val", "--stride", "16,8,16", "--empty", "zero")
     assert res.exit_code == 0, res.output
-    summary = json.loads((run / "eval" / "summary.json").read_text())
+    rep = run / "eval" / "val-last"
+    summary = json.loads((rep / "summary.json").read_text())
     assert summary["num_cases"] == 2 and set(summary["per_class"]) == {"1"}
     assert summary["class_names"] == ["organ"]
-    assert nib.load(str(run / "eval" / "pred" / "val_0000.nii.gz")).shape == (48, 40, 32)
-    assert len(read_csv(run / "eval" / "cases.csv")) == 2
-    assert (run / "eval" / "montage.png").is_file()
+    assert nib.load(str(rep / "pred" / "val_0000.nii.gz")).shape == (48, 40, 32)
+    assert len(read_csv(rep / "cases.csv")) == 2
+    assert (rep / "montage.png").is_file()
 
 
 # -- real data ----------------------------------------------------------------------------------------------------
@@ -299,10 +301,10 @@ def test_acdc_train_and_eval(shared_data, tmp_path):
             if "val/dice" in r] == [2]
     res = invoke("eval", run, "--split", "test", "--max-cases", 2, "--empty", "zero")
     assert res.exit_code == 0, res.output
-    _, rows = _check_real_report(run / "eval", 3, ["RV", "Myo", "LV"])
+    _, rows = _check_real_report(run / "eval" / "test-last", 3, ["RV", "Myo", "LV"])
     assert all(math.isfinite(float(r[m])) for r in rows for m in ("hd95", "asd"))  # empty scored 0
     first = rows[0]["case"]
-    pred = nib.load(str(run / "eval" / "pred" / f"{first}.nii.gz"))
+    pred = nib.load(str(run / "eval" / "test-last" / "pred" / f"{first}.nii.gz"))
     assert pred.ndim == 3  # a whole (D, H, W) volume, predicted slice by slice
     res = invoke("eval", run, "--split", "test", "--max-cases", 2, "--save-pred", "none", "--out", tmp_path / "n")
     assert res.exit_code == 0, res.output
@@ -313,5 +315,13 @@ def test_la_train_and_eval(shared_data, tmp_path):
     run = _real_run(tmp_path, "la", shared_data / "la-half", "32,32,32", ["--labeled", 4, "--batch-size", 1])
     res = invoke("eval", run, "--split", "test", "--max-cases", 2, "--stride", "32,32,16", "--save-pred", "none")
     assert res.exit_code == 0, res.output
-    summary, _ = _check_real_report(run / "eval", 1, ["left atrium"])
+    summary, _ = _check_real_report(run / "eval" / "test-last", 1, ["left atrium"])
     assert summary["spacing_mode"] == "voxel"
+
+
+def test_reports_of_different_splits_and_checkpoints_are_all_kept(run2d):
+    run, _ = run2d
+    for args in (["--split", "val"], ["--split", "test", "--checkpoint", "best"]):
+        assert invoke("eval", run, *args, "--save-pred", "none").exit_code == 0
+    assert (run / "eval" / "val-last" / "summary.json").is_file()
+    assert (run / "eval" / "test-best" / "summary.json").is_file()

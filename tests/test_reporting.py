@@ -69,7 +69,7 @@ def test_eval_on_la_uses_the_official_stride_and_names_what_it_reports(tmp_path,
     out = CliRunner().invoke(cli, ["eval", str(run), "--max-cases", "1", "--save-pred", "none",
                                    "--empty", "penalize"], terminal_width=200)
     assert out.exit_code == 0, out.output
-    summary = json.loads((run / "eval" / "summary.json").read_text())
+    summary = json.loads((run / "eval" / "test-last" / "summary.json").read_text())
     assert summary["stride"] == [18, 18, 4]
     assert (summary["split"], summary["checkpoint_rule"], summary["empty_policy"]) == ("test", "last", "penalize")
     assert "medpy" in summary["metric_definitions"]

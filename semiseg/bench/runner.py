@@ -217,7 +217,8 @@ def train_cell(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, comman
     opts = dict(preset.eval_options)
     if opts.get("stride") is not None:
         opts["stride"] = tuple(int(s) for s in opts["stride"])
-    ev = evaluate_run(run_dir, split=preset.eval_split, which="last", save_pred=None, out=run_dir / "eval",
+    ev = evaluate_run(run_dir, split=preset.eval_split, which="last", save_pred=None,
+                      out=run_dir / "eval" / f"{preset.eval_split}-last",
                       device=cfg.device, **opts)
     eval_s = time.perf_counter() - t1
     curve = _val_curve(run_dir / "metrics.jsonl")

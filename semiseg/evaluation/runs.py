@@ -58,8 +58,10 @@ def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = 
     if stride is None and data.info.get("eval_stride") is not None:
         stride = tuple(int(s) for s in data.info["eval_stride"])  # the dataset's official test stride
     predict = predictor(model, data.dim, data.patch_size, data.num_classes, dev, mode="test", stride=stride)
-    out_dir = Path(out) if out else (ck_path.parent.parent / "eval" if ck_path.parent.name == "checkpoints"
-                                     else ck_path.parent / "eval")
+    # every report is kept under a name that says what it measured: RUN/eval/<split>-<checkpoint>
+    rule = which if Path(path).is_dir() else ck_path.stem
+    base = ck_path.parent.parent if ck_path.parent.name == "checkpoints" else ck_path.parent
+    out_dir = Path(out) if out else base / "eval" / f"{split}-{rule}"
     # what the numbers mean travels with them (the printed table and summary.json name each)
     about = {"split": split, "checkpoint_rule": which if Path(path).is_dir() else "file",
              "checkpoint": str(ck_path), "iteration": ck["iteration"],

@@ -304,11 +304,17 @@ def _fmt(stat: Any) -> str:
 @click.option("--out", required=True, help="Folder for the predicted label maps.")
 @click.option("--format", "fmt", type=click.Choice(["nifti", "h5", "png"]), help="Default: png for 2D, nifti else.")
 @click.option("--device", default="auto", show_default=True)
-def predict(checkpoint: str, inputs: tuple[str, ...], out: str, fmt: str | None, device: str) -> None:
-    """Predict label maps for new images (NIfTI, h5, PNG/JPG/TIFF) with a checkpoint or run directory."""
+@click.option("--checkpoint", "which", type=click.Choice(["last", "best"]), default="last", show_default=True,
+              help="Which checkpoint of a run directory (as `semiseg eval`).")
+@click.option("--overwrite", is_flag=True, help="Replace existing files in --out (never an input).")
+def predict(checkpoint: str, inputs: tuple[str, ...], out: str, fmt: str | None, device: str, which: str,
+            overwrite: bool) -> None:
+    """Predict label maps for new images (NIfTI, h5, PNG/JPG/TIFF files, or folders of them) with a run directory
+    or a checkpoint file."""
     from semiseg.evaluation.runs import predict_files
 
-    for p in predict_files(checkpoint, list(inputs), out, device=device, fmt=fmt):
+    for p in predict_files(checkpoint, list(inputs), out, device=device, fmt=fmt, which=which,
+                           overwrite=overwrite):
         console.print(f"wrote {escape(str(p))}", highlight=False, soft_wrap=True)
 
 

@@ -58,6 +58,8 @@ def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = 
     if stride is None and data.info.get("eval_stride") is not None:
         stride = tuple(int(s) for s in data.info["eval_stride"])  # the dataset's official test stride
     predict = predictor(model, data.dim, data.patch_size, data.num_classes, dev, mode="test", stride=stride)
+    if save_pred is not None and out is not None and cfg.data_root:
+        check_output_folder(Path(out), [Path(cfg.data_root)], "the dataset root")
     # every report is kept under a name that says what it measured: RUN/eval/<split>-<checkpoint>
     rule = which if Path(path).is_dir() else ck_path.stem
     base = ck_path.parent.parent if ck_path.parent.name == "checkpoints" else ck_path.parent
@@ -82,11 +84,55 @@ def _zscore(a: np.ndarray) -> np.ndarray:
     return ((a - a.mean()) / max(float(a.std()), 1e-8)).astype(np.float32)
 
 
+SUFFIX = {"png": ".png", "nifti": ".nii.gz", "h5": ".h5"}
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".h5", ".hdf5", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def case_name(path: Path) -> str:
+    """The file name without its image suffix (``a.b.nii.gz`` -> ``a.b``) and without the nnU-Net channel suffix
+    (``case_0000`` -> ``case``)."""
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-5]
+    return name
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
+    """Files as given, and every image file of each folder given (sorted); also the folders themselves."""
+    files: list[Path] = []
+    folders: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            folders.append(p)
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.name.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise DataError(f"Input folder '{p}' holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+            files += found
+        else:
+            files.append(p)
+    return files, folders
+
+
+def check_output_folder(out: Path, protected: list[Path], what: str) -> None:
+    """Refuse an output folder that is, or lies inside, a folder the user gave as input (or the data root)."""
+    o = out.expanduser().resolve()
+    for folder in protected:
+        f = folder.expanduser().resolve()
+        if o == f or f in o.parents:
+            raise ConfigError(f"--out '{out}' lies inside {what} '{folder}'; write predictions elsewhere, so that "
+                              f"nothing you gave is overwritten.")
+
+
 def read_input(path: Path, dim: int, in_channels: int) -> Case:
     """Read a NIfTI, h5 or PNG/JPG/TIFF image as a Case with the normalisation the built-in datasets use:
     2D: intensities in [0, 1] (8-bit / 255, otherwise 0.5-99.5 percentile min-max); 3D: per-volume z-score;
     h5 files (ACDC/LA layouts) are taken as stored, since those files are already normalised."""
-    name = path.name.split(".")[0]
+    name = case_name(path)
     suffix = "".join(path.suffixes).lower()
     if not path.is_file():
         raise DataError(f"Input '{path}' does not exist; pass existing image files.")
@@ -113,6 +159,8 @@ def read_input(path: Path, dim: int, in_channels: int) -> Case:
         if suffix.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
             from PIL import Image
 
+            if dim == 3:
+                raise DataError(f"Input '{path}' is a 2D image but the model is 3D; give it volumes (NIfTI or h5).")
             im = np.asarray(Image.open(path))
             arr = im.astype(np.float32) / 255.0 if im.dtype == np.uint8 else _minmax(im.astype(np.float32))
             arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
@@ -127,32 +175,51 @@ def read_input(path: Path, dim: int, in_channels: int) -> Case:
 
 
 def predict_files(checkpoint: str | Path, inputs: list[str], out: str | Path, device: str = "auto",
-                  fmt: str | None = None) -> list[Path]:
-    """Predict label maps for new images and write them next to each other in ``out``."""
+                  fmt: str | None = None, which: str = "last", overwrite: bool = False) -> list[Path]:
+    """Predict label maps for new images (files, or folders of them) and write them into ``out``, one per case,
+    named by case; ``out`` may not lie inside an input folder, an output never replaces an input, and an existing
+    output is replaced only with ``overwrite``."""
     from semiseg.engine.trainer import pick_device
 
-    ck_path = ckpt_io.resolve(checkpoint, prefer="best")
+    files, folders = expand_inputs(inputs)
+    check_output_folder(Path(out), folders, "the input folder")
+    ck_path = ckpt_io.resolve(checkpoint, prefer=which)
     ck = ckpt_io.load(ck_path)
     meta = ck["meta"]
     dev = pick_device(device)
     model = load_model(ck, dev)
     predict = predictor(model, meta["dim"], tuple(meta["patch_size"]), meta["num_classes"], dev, mode="test")
     out = Path(out)
+    inputs_resolved = {f.expanduser().resolve() for f in files}
+    names: dict[str, int] = {}
+    cases = []
+    for p in files:
+        case = read_input(p, meta["dim"], meta["in_channels"])
+        n = names[case.name] = names.get(case.name, 0) + 1
+        if n > 1:  # the same name from two folders (or two suffixes): keep both
+            case = Case(f"{case.name}-{n}", case.image, case.label, case.spacing, case.affine, case.meta)
+        if not np.isfinite(case.image).all():
+            raise DataError(f"Input '{p}' holds NaN or infinite values; clean it before predicting.")
+        cases.append(case)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for p in inputs:
-        case = read_input(Path(p), meta["dim"], meta["in_channels"])
+    for case in cases:
+        kind = fmt or ("png" if (meta["dim"] == 2 and not case.meta.get("slices_last")
+                                 and case.image.ndim == 3) else "nifti")
+        target = out / (case.name + SUFFIX[kind])
+        if target.resolve() in inputs_resolved:
+            raise ConfigError(f"Writing '{target}' would replace an input; choose another --out.")
+        if target.exists() and not overwrite:
+            raise ConfigError(f"'{target}' exists; pass --overwrite to replace it or choose another --out.")
         pred = predict(case.image)
         if case.meta.get("slices_last"):
             pred = np.moveaxis(pred, 0, -1)
-        kind = fmt or ("png" if pred.ndim == 2 else "nifti")
         if kind == "png":
             from PIL import Image
 
             scale = 255 if meta["num_classes"] == 2 else 1  # binary masks as 0/255, others as class indices
-            path = out / f"{case.name}.png"
-            Image.fromarray((pred * scale).astype(np.uint8)).save(path)
-            written.append(path)
+            Image.fromarray((pred * scale).astype(np.uint8)).save(target)
+            written.append(target)
         else:
             written.append(save_prediction(pred, case, out, kind, meta["num_classes"]))
     return written

@@ -1,0 +1,84 @@
+"""`semiseg predict` never overwrites what the user gave, names every case uniquely, refuses wrong input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from semiseg.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run2d(tmp_path_factory):
+    run = tmp_path_factory.mktemp("p") / "run"
+    r = invoke("train", "--data-opt", "n_train=8", "--data-opt", "n_val=1", "--data-opt", "size=32,32",
+               "--patch-size", "32,32", "--width", "0.25", "--iterations", "1", "--batch-size", "2", "--quiet",
+               "--out", run)
+    assert r.exit_code == 0, r.output
+    return run
+
+
+def png(path, value=100):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((32, 32), value, np.uint8)).save(path)
+    return path
+
+
+def test_folders_unique_names_and_no_overwrite(run2d, tmp_path):
+    a, b = png(tmp_path / "in" / "one" / "scan.png"), png(tmp_path / "in" / "two" / "scan.png", 50)
+    png(tmp_path / "in" / "x.b.png")
+    png(tmp_path / "in" / "x.c.png")
+    out = tmp_path / "pred"
+    r = invoke("predict", run2d, tmp_path / "in", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["scan-2.png", "scan.png", "x.b.png", "x.c.png"]
+    before = (out / "scan.png").read_bytes()
+    r = invoke("predict", run2d, a, "--out", out)
+    assert r.exit_code == 2 and "exists; pass --overwrite" in r.output
+    assert invoke("predict", run2d, a, "--out", out, "--overwrite").exit_code == 0
+    assert (out / "scan.png").read_bytes() == before  # same model, same input, same prediction
+    assert b.is_file()
+
+
+def test_output_inside_an_input_folder_or_onto_an_input_is_refused(run2d, tmp_path):
+    img = png(tmp_path / "in" / "scan.png")
+    original = img.read_bytes()
+    r = invoke("predict", run2d, tmp_path / "in", "--out", tmp_path / "in")
+    assert r.exit_code == 2 and "lies inside the input folder" in r.output
+    r = invoke("predict", run2d, img, "--out", tmp_path / "in", "--overwrite")
+    assert r.exit_code == 2 and "would replace an input" in r.output
+    assert img.read_bytes() == original
+
+
+def test_nan_input_and_a_2d_image_for_a_3d_model_are_refused(run2d, tmp_path):
+    import nibabel as nib
+
+    vol = np.zeros((32, 32, 4), np.float32)
+    vol[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    r = invoke("predict", run2d, tmp_path / "nan.nii.gz", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "holds NaN or infinite values" in r.output
+    run3d = tmp_path / "run3d"
+    r = invoke("train", "--backbone", "vnet", "--width", "0.25", "--patch-size", "32,32,16", "--data-opt",
+               "size=[32,32,16]", "--data-opt", "n_train=2", "--data-opt", "n_val=1", "--data-opt", "num_classes=2",
+               "--labeled", "2", "--batch-size", "2", "--iterations", "1", "--quiet", "--out", run3d)
+    assert r.exit_code == 0, r.output
+    r = invoke("predict", run3d, png(tmp_path / "flat.png"), "--out", tmp_path / "o3")
+    assert r.exit_code == 2 and "is a 2D image but the model is 3D" in r.output
+
+
+def test_eval_refuses_to_write_predictions_into_the_dataset_root(tmp_path):
+    from semiseg.errors import ConfigError
+    from semiseg.evaluation.runs import check_output_folder
+
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(ConfigError, match="lies inside the dataset root"):
+        check_output_folder(root / "preds", [root], "the dataset root")
+    check_output_folder(tmp_path / "elsewhere", [root], "the dataset root")  # anywhere else is fine

@@ -166,6 +166,13 @@ def train(ctx: click.Context, **kw: Any) -> None:
         cfg.data_root = str(Path(kw["data_root"]).expanduser().resolve())
     if kw["patch_size"]:
         cfg.patch_size = _parse_size(kw["patch_size"])
+    # option groups given on the command line count as chosen too (recipe, resume)
+    for key, given_now in (("algo_options", kw["algo_opts"]), ("patch_size", kw["patch_size"]),
+                           ("backbone_options", kw["backbone_opts"] or any(kw[k] is not None for k in
+                                                                          ("arch", "encoder", "weights", "width"))),
+                           ("data_options", kw["data_opts"] or kw["dim"]), ("loggers", kw["loggers"])):
+        if given_now:
+            explicit.add(key)
     if kw["loggers"]:
         cfg.loggers = list(dict.fromkeys([*cfg.loggers, *kw["loggers"]]))
     cfg.algo_options.update(parse_options(kw["algo_opts"], "--opt"))
@@ -189,6 +196,9 @@ def train(ctx: click.Context, **kw: Any) -> None:
     from semiseg.engine.lock import check_run_dir
 
     check_run_dir(Path(cfg.out), kw["resume"])
+    stored = Path(cfg.out) / "config.yaml"
+    if kw["resume"] and stored.is_file():
+        cfg, explicit = _stored_config(cfg, TrainConfig.load(stored), explicit, stored), TrainConfig.field_names()
 
     from semiseg.engine.runlog import log_only, run_log
 
@@ -221,6 +231,24 @@ def _train(cfg: Any, kw: dict[str, Any], explicit: set[str]) -> None:
     if trainer.dist.is_main and summary.get("last"):
         console.print(f"done: last val dice {summary['last']['dice']:.4f}, best {summary['best']['dice']:.4f} "
                       f"at step {summary['best']['iteration']}; {escape(cfg.out)}", highlight=False, soft_wrap=True)
+
+
+# what may change when a run is resumed: how it runs, and its length (--iterations extends a run; the poly
+# schedule then decays over the new length from where the run is)
+RESUME_MAY_CHANGE = ("device", "workers", "log_every", "val_every", "loggers", "out", "plugins", "iterations")
+
+
+def _stored_config(cfg: Any, stored: Any, explicit: set[str], path: Path) -> Any:
+    """--resume continues the run's stored config (its data included); a flag that contradicts it is refused."""
+    clash = [f"{k} {getattr(cfg, k)!r} (the run has {getattr(stored, k)!r})" for k in sorted(explicit)
+             if k not in RESUME_MAY_CHANGE and getattr(cfg, k) != getattr(stored, k)]
+    if clash:
+        raise ConfigError(f"--resume continues the run stored in '{path}', but the command line changes "
+                          f"{'; '.join(clash)}; drop those flags or start a new --out.")
+    for k in RESUME_MAY_CHANGE:
+        if k in explicit or k == "out":
+            setattr(stored, k, getattr(cfg, k))
+    return stored
 
 
 def yaml_keys(path: str) -> list[str]:

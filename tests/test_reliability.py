@@ -237,11 +237,22 @@ def test_foreign_checkpoint_is_refused_naming_the_difference(invoke, tmp_path):
     before = (last.read_bytes(), (run / "config.yaml").read_text())
 
     cases = [
-        (["--width", "0.5"], "backbone_options: checkpoint has {'width': 0.25}, this run has {'width': 0.5}"),
-        (["--data-opt", "num_classes=2"], "num_classes: checkpoint has 4, this run has 2"),
-        (["--algo", "fixmatch"], "algo: checkpoint has 'supervised', this run has 'fixmatch'"),
+        (["--width", "0.5"], "backbone_options {'width': 0.5} (the run has {'width': 0.25})",
+         "backbone_options: checkpoint has {'width': 0.25}, this run has {'width': 0.5}"),
+        (["--data-opt", "num_classes=2"], "data_options", "num_classes: checkpoint has 4, this run has 2"),
+        (["--algo", "fixmatch"], "algo 'fixmatch' (the run has 'supervised')",
+         "algo: checkpoint has 'supervised', this run has 'fixmatch'"),
     ]
-    for extra, difference in cases:
+    for extra, clash, _ in cases:
+        # the stored config names the contradiction first
+        msg = error_line(invoke(*base, *extra, "--resume"))
+        assert msg.startswith(f"--resume continues the run stored in '{run / 'config.yaml'}'"), msg
+        assert clash in msg, msg
+        assert (last.read_bytes(), (run / "config.yaml").read_text()) == before
+    # without the stored config the checkpoint itself refuses, naming the difference
+    stored = (run / "config.yaml").read_text()
+    (run / "config.yaml").unlink()
+    for extra, _, difference in cases:
         result = invoke(*base, *extra, "--resume")
         msg = error_line(result)
         assert msg.startswith(f"Checkpoint '{last}' does not fit this run ("), msg
@@ -249,8 +260,8 @@ def test_foreign_checkpoint_is_refused_naming_the_difference(invoke, tmp_path):
         assert "use a new --out directory or the same settings" in msg
         debug = invoke("--debug", *base, *extra, "--resume")
         assert isinstance(debug.exception, CheckpointError)
-        # refused before anything was written: the checkpoint and the config are untouched
-        assert (last.read_bytes(), (run / "config.yaml").read_text()) == before
+        assert last.read_bytes() == before[0] and not (run / "config.yaml").exists()
+    (run / "config.yaml").write_text(stored)
     # and without --resume the run directory is protected too
     assert "already holds a run (checkpoints, config.yaml, metrics.jsonl); pass --resume" in error_line(invoke(*base))
 

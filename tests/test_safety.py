@@ -124,3 +124,59 @@ def test_a_run_directory_without_checkpoint_is_not_reused_and_out_may_not_be_a_f
     f.write_text("x")
     r = invoke("train", "--iterations", "1", "--out", str(f), "--quiet")
     assert r.exit_code == 2 and "is an existing file" in r.output
+
+
+def test_a_nan_unlabeled_image_stops_the_run_with_its_name_after_saving(tmp_path):
+    from collections.abc import Sequence
+
+    from semiseg.engine.config import TrainConfig
+    from semiseg.engine.trainer import Trainer
+    from semiseg.errors import DataError
+
+    cfg = TrainConfig(algo="fixmatch", backbone="unet", backbone_options={"width": 0.25}, data="synthetic",
+                      data_options={"dim": 2, "n_train": 12, "n_val": 1, "size": [32, 32]}, patch_size=[32, 32],
+                      labeled=4, iterations=6, batch_size=2, val_every=6, out=str(tmp_path / "run"))
+    t = Trainer(cfg, quiet=True)
+    real = t.data.unlabeled
+
+    class TurnsBad(Sequence):
+        """The 7th image read holds a NaN (as a corrupt file found mid-run would)."""
+
+        keys = ["case_a", "case_b", "case_c", "case_d", "case_e", "case_f", "case_g", "case_h"]
+        reads = 0
+
+        def __len__(self):
+            return len(real)
+
+        def __getitem__(self, i):
+            TurnsBad.reads += 1
+            img = np.array(real[i], copy=True)
+            if TurnsBad.reads == 7:
+                img[0, 0, 0] = np.nan
+            return img
+
+    t.data.unlabeled = TurnsBad()
+    with pytest.raises(DataError, match=r"Unlabeled item 'case_\w' contains 1 NaN or Inf values"):
+        t.fit()
+    saved = ckpt_io.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["iteration"] == t.iteration >= 1  # the steps before the bad image are kept
+
+
+def test_resume_continues_the_stored_config_and_refuses_contradicting_flags(tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    base = ["train", "--algo", "supervised", "--data-opt", "n_train=8", "--data-opt", "n_val=1", "--data-opt",
+            "size=32,32", "--patch-size", "32,32", "--width", "0.25", "--batch-size", "2", "--val-every", "2",
+            "--quiet", "--out", str(run)]
+    assert invoke(*base, "--iterations", "2").exit_code == 0
+    stored = (run / "config.yaml").read_text()
+    r = invoke(*base, "--iterations", "2", "--lr", "0.5", "--resume")
+    assert r.exit_code == 2 and "changes lr 0.5 (the run has 0.01)" in " ".join(r.output.split())
+    r = invoke(*base[:1], "--data-opt", "n_train=9", "--out", str(run), "--resume", "--quiet")
+    assert r.exit_code == 2 and "data_options" in r.output
+    assert (run / "config.yaml").read_text() == stored  # refused before anything was written
+    # without flags, --resume takes everything from the run (its data included)
+    r = invoke("train", "--out", str(run), "--resume", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((run / "config.yaml").read_text()) == yaml.safe_load(stored)

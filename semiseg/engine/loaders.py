@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from semiseg.augment.base import Policy
+from semiseg.errors import DataError
 
 STREAM_IDS = {"labeled": 1, "unlabeled": 2, "mix": 3}
 
@@ -59,6 +60,16 @@ def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
 
+def check_unlabeled(image: np.ndarray, items: Sequence, index: int) -> None:
+    """Unlabeled images are checked as they are read (a NaN would otherwise become 0 without a word)."""
+    if image.dtype.kind in "fc" and not np.isfinite(image).all():
+        keys = getattr(items, "keys", None)
+        key = keys[index] if keys is not None else index
+        n = int((~np.isfinite(image)).sum())
+        raise DataError(f"Unlabeled item {key!r} contains {n} NaN or Inf values; fix or remove its file (the run "
+                        f"was saved and continues with --resume once it is fixed).")
+
+
 class ViewsDataset(Dataset):
     """Turns raw items into the views an algorithm asked for (see ``semiseg.algorithms.base.NEEDS``)."""
 
@@ -87,7 +98,9 @@ class ViewsDataset(Dataset):
             w, out[f"u_y{sfx}"] = pair[0], _tensor(pair[1], torch.long)
         else:
             item = self.items[index]
-            w = self.policy.weak_unlabeled(item[0] if isinstance(item, tuple) else item, rng)
+            image = item[0] if isinstance(item, tuple) else item
+            check_unlabeled(image, self.items, index)
+            w = self.policy.weak_unlabeled(image, rng)
         out[f"u_w{sfx}"] = _tensor(w, torch.float32)
         if self.strong:
             out[f"u_s1{sfx}"] = _tensor(self.policy.strong(w, rng), torch.float32)

@@ -40,7 +40,7 @@ from semiseg.engine.recipes import apply_recipe
 from semiseg.engine.record import resolved_config, write_record
 from semiseg.engine.runlog import run_log
 from semiseg.engine.tracking import check_loggers, open_trackers
-from semiseg.errors import ConfigError, TrainingError
+from semiseg.errors import ConfigError, DataError, TrainingError
 from semiseg.evaluation.protocol import validate
 from semiseg.schedules import learning_rate
 
@@ -425,6 +425,11 @@ class Trainer:
                         if self.iteration % c.val_every == 0 or self.iteration == stage_end:
                             self._validate_and_save(log)
                         t_wait = time.perf_counter()
+        except DataError:
+            # a bad file found mid-run (an unlabeled image, a validation volume): keep the work done so far
+            if self.iteration > 0:
+                self.save("last")
+            raise
         except KeyboardInterrupt:
             interrupted = True
             self.save("last")

@@ -180,3 +180,26 @@ def test_resume_continues_the_stored_config_and_refuses_contradicting_flags(tmp_
     r = invoke("train", "--out", str(run), "--resume", "--quiet")
     assert r.exit_code == 0, r.output
     assert yaml.safe_load((run / "config.yaml").read_text()) == yaml.safe_load(stored)
+
+
+def test_a_bad_validation_label_is_found_before_training(tmp_path):
+    from semiseg.engine.config import TrainConfig
+    from semiseg.engine.trainer import Trainer, build_data
+    from semiseg.errors import DataError
+
+    cfg = TrainConfig(data="synthetic", data_options={"dim": 2, "n_train": 8, "n_val": 2, "size": [32, 32]},
+                      patch_size=[32, 32], labeled=4, iterations=1, out=str(tmp_path / "run"))
+    data = build_data(cfg)
+    bad = data.cases("val")
+    bad[1].label[0, 0] = 9
+    data.splits["val"] = bad
+    with pytest.raises(DataError, match="validation case val_0001' contains value 9"):
+        Trainer(cfg, quiet=True, data=data)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_labeled_fraction_that_rounds_to_none_is_said():
+    from semiseg.data.splits import resolve_count
+
+    with pytest.warns(UserWarning, match="labeled=0.1 of 8 samples rounds to none; using 1 labeled sample"):
+        assert resolve_count(0.1, 8, "samples") == 1

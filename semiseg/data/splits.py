@@ -34,7 +34,13 @@ def resolve_count(labeled: float, total: int, unit: str = "cases", what: str = "
         raise ConfigError(f"labeled={labeled} must be positive; give a count (e.g. 8) or a fraction "
                           f"(e.g. 0.1).")
     if labeled < 1:
-        n = max(1, math.floor(labeled * total + _EPS))
+        n = math.floor(labeled * total + _EPS)
+        if n == 0:
+            import warnings
+
+            warnings.warn(f"labeled={labeled} of {total} {unit} rounds to none; using 1 labeled {unit[:-1]} "
+                          f"(give a count to choose).", UserWarning, stacklevel=2)
+            n = 1
     else:
         if abs(labeled - round(labeled)) > _EPS:
             raise ConfigError(

@@ -79,6 +79,18 @@ def build_data(cfg: TrainConfig):
     return registry.create_dataset(cfg.data, **kwargs)
 
 
+def check_cases(data, split: str, max_cases: int | None = None) -> None:
+    """The validation cases' images and labels, checked before training like the labeled ones (a bad label
+    would otherwise be found at the first validation)."""
+    from semiseg.data.checks import check_finite, check_label_values
+
+    cases = data.cases(split)
+    for case in cases[:max_cases] if max_cases else cases:
+        check_finite(np.asarray(case.image), f"validation case {case.name}")
+        if case.label is not None:
+            check_label_values(np.asarray(case.label), data.num_classes, f"validation case {case.name}")
+
+
 def build_model(cfg: TrainConfig, data) -> nn.Module:
     name = cfg.backbone
     if name == "auto":
@@ -152,6 +164,7 @@ class Trainer:
             check_output_dir(self.out)
         self.data = data if data is not None else build_data(cfg)  # data: an in-memory SegData (Python API)
         self.recipe = apply_recipe(cfg, self.data, explicit)
+        check_cases(self.data, cfg.val_split or self.data.val_split, cfg.val_max_cases)  # not at step 1000
         cfg.validate()
         seed_everything(cfg.seed)
         self.model = build_model(cfg, self.data).to(self.device)

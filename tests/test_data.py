@@ -116,7 +116,8 @@ def test_split_helpers():
     assert resolve_count(0.05, 70) == 3  # the literature's "5%" of ACDC
     assert resolve_count(0.1, 70) == 7
     assert resolve_count(0.29, 100) == 29  # float noise does not lose one
-    assert resolve_count(0.001, 10) == 1
+    with pytest.warns(UserWarning, match="rounds to none"):
+        assert resolve_count(0.001, 10) == 1
     assert holdout_tail(["c", "a", "b", "d", "e"], None) == (["a", "b", "c", "d"], ["e"])
     assert parse_acdc_slice("data/slices/patient099_frame01_slice_15.h5") == ("patient099_frame01", 14)
     with pytest.raises(DataError, match="labeled.txt"):

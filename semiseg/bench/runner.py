@@ -575,19 +575,24 @@ def _run_parallel(preset: Preset, todo: Sequence[RunSpec], runs: Path, view: _Vi
         slots.put(i)
     view.log(f"{len(todo)} runs on {jobs} concurrent jobs of {per_job} thread(s) each")
     interrupted = False
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(slots,)) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(slots,))
+    try:
         futures = {pool.submit(_cell_worker, (preset, spec, runs / spec.dirname, command, data_root, device,
                                               list(plugins), per_job)) for spec in todo}
-        while futures:
+        while futures and not interrupted:
             done, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in done:
                 spec, row = f.result()
-                if row is None:
+                if row is None:  # Ctrl-C or SIGTERM reached the workers: they saved; start no further cell
                     interrupted = True
                     view.log(f"interrupted during {spec.dirname}; rerun the same command to resume it")
                 else:
                     finish(spec, row)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        # queued cells are dropped; running ones (interrupted with the same signal) save and return
+        pool.shutdown(wait=True, cancel_futures=True)
     return interrupted
 
 

@@ -31,8 +31,6 @@ def test_the_quick_start_is_semi_supervised_and_learns_in_a_shortened_run(tmp_pa
     r = CliRunner().invoke(cli, [*args, "--quiet"])
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
-    # FLOOR: an untrained network scores below 0.2 here
-    assert summary["last"]["dice"] > FLOOR
-
-
-FLOOR = 0.6
+    # 80 steps reach about 0.82 on 2 CPU cores; an untrained network scores below 0.2. The floor leaves room for
+    # floating-point differences between machines and still fails a run that learned nothing.
+    assert summary["last"]["dice"] > 0.6

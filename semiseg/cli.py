@@ -191,14 +191,14 @@ def train(ctx: click.Context, **kw: Any) -> None:
         cfg.out = f"runs/{cfg.algo}-{cfg.data}-s{cfg.seed}"
     if cfg.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {cfg.nproc}.")
-    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch_torchrun(cfg.nproc)  # a config written by an --nproc N run reruns on N processes too
     from semiseg.engine.lock import check_run_dir
 
     check_run_dir(Path(cfg.out), kw["resume"])
     stored = Path(cfg.out) / "config.yaml"
     if kw["resume"] and stored.is_file():
         cfg, explicit = _stored_config(cfg, TrainConfig.load(stored), explicit, stored), TrainConfig.field_names()
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_torchrun(cfg.nproc)  # a config written by an --nproc N run reruns on N processes too
 
     from semiseg.engine.runlog import log_only, run_log
 
@@ -239,15 +239,22 @@ RESUME_MAY_CHANGE = ("device", "workers", "log_every", "val_every", "loggers", "
 
 
 def _stored_config(cfg: Any, stored: Any, explicit: set[str], path: Path) -> Any:
-    """--resume continues the run's stored config (its data included); a flag that contradicts it is refused."""
+    """--resume continues the run's stored config (its data included); a flag that contradicts it is refused.
+    The processes may change when the global batch (per-process batch x processes) stays the same."""
+    world = int(os.environ.get("WORLD_SIZE", cfg.nproc))
+    same_global = all((getattr(cfg, k) or cfg.batch_size) * world == (getattr(stored, k) or stored.batch_size)
+                      * stored.nproc for k in ("batch_size", "unlabeled_batch_size"))
+    movable = {"batch_size", "unlabeled_batch_size", "nproc"} if same_global else set()
     clash = [f"{k} {getattr(cfg, k)!r} (the run has {getattr(stored, k)!r})" for k in sorted(explicit)
-             if k not in RESUME_MAY_CHANGE and getattr(cfg, k) != getattr(stored, k)]
+             if k not in RESUME_MAY_CHANGE and k not in movable and getattr(cfg, k) != getattr(stored, k)]
     if clash:
         raise ConfigError(f"--resume continues the run stored in '{path}', but the command line changes "
                           f"{'; '.join(clash)}; drop those flags or start a new --out.")
-    for k in RESUME_MAY_CHANGE:
+    for k in (*RESUME_MAY_CHANGE, *movable):
         if k in explicit or k == "out":
             setattr(stored, k, getattr(cfg, k))
+    if movable & explicit:
+        stored.nproc = world
     return stored
 
 

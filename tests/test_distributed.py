@@ -166,6 +166,8 @@ def one_process_reference(two_proc_run: Path, out: Path, iterations: int | None 
     if iterations is not None:
         cfg.iterations = iterations
     with restored_registry():
+        for p in cfg.plugins:  # named by the test's command line; a stored config alone loads nothing
+            registry.load_plugin(p)
         t = Trainer(cfg, quiet=True)
         init = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
         t.fit()

@@ -46,17 +46,17 @@ def test_train_log_keeps_the_traceback_of_a_failed_run(tmp_path, monkeypatch):
 def test_train_log_keeps_the_error_sentence_and_warnings(tmp_path, monkeypatch):
     import warnings
 
-    original = Trainer.train_step
+    from semiseg.errors import TrainingError
 
-    def warn_then_step(self, batch, it):
+    def warn_then_fail(self, batch, it):
         warnings.warn("a warning from inside a step", UserWarning, stacklevel=1)
-        return original(self, batch, it)
+        raise TrainingError("Loss is not finite at step 1 (a made-up failure for this test).")
 
-    monkeypatch.setattr(Trainer, "train_step", warn_then_step)
-    r = train(tmp_path / "run", "--iterations", "2", "--val-every", "1", "--val-split", "nosuch")
+    monkeypatch.setattr(Trainer, "train_step", warn_then_fail)
+    r = train(tmp_path / "run", "--iterations", "2")
     log = (tmp_path / "run" / "train.log").read_text()
     assert r.exit_code == 2
-    assert "error: Dataset 'synthetic' has no split 'nosuch'" in log
+    assert "error: Loss is not finite at step 1" in log
     assert "a warning from inside a step" in log
 
 

@@ -309,6 +309,23 @@ def _blocks(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return sorted(keys, key=lambda b: (b[0], to_float(b[1]), int(b[2])))
 
 
+def _band(ax: Any, xs: Sequence[float], values: Sequence[Sequence[float]], label: str) -> None:
+    """One algorithm's line: the mean over seeds at each x, with a +- std band."""
+    stats = [mean_std(v) for v in values]
+    mean = [s[0] for s in stats]
+    std = [s[1] if math.isfinite(s[1]) else 0.0 for s in stats]
+    (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=label)
+    ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                    color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+def _finish_axes(ax: Any, title: str, xlabel: str) -> None:
+    ax.set(title=title, xlabel=xlabel, ylabel="validation Dice (mean ± std over seeds)", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: never over the lines
+
+
 def plot_dice_vs_iter(path: str | Path, curves: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> None:
     """Validation Dice over training, one line per algorithm (mean over seeds), one panel per labeled split."""
     import matplotlib
@@ -329,17 +346,8 @@ def plot_dice_vs_iter(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
                 if c["algo"] == algo and math.isfinite(to_float(c["val_dice"])):
                     by_iter.setdefault(int(float(c["iter"])), []).append(to_float(c["val_dice"]))
             its = sorted(by_iter)
-            stats = [mean_std(by_iter[i]) for i in its]
-            mean = [s[0] for s in stats]
-            std = [s[1] if math.isfinite(s[1]) else 0.0 for s in stats]
-            (line,) = ax.plot(its, mean, marker="o", markersize=3, label=algo)
-            ax.fill_between(its, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set(title=f"{preset}: {labeled} labeled, {iterations} iterations", xlabel="iteration",
-               ylabel="validation Dice (mean ± std over seeds)", ylim=(0, 1))
-        ax.grid(alpha=0.3)
-        if algos:
-            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: never over the lines
+            _band(ax, its, [by_iter[i] for i in its], algo)
+        _finish_axes(ax, f"{preset}: {labeled} labeled, {iterations} iterations", "iteration")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -369,17 +377,8 @@ def plot_dice_vs_time(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
                     by_iter.setdefault(it, []).append((minutes, to_float(c["val_dice"])))
             its = sorted(by_iter)
             t = [sum(m for m, _ in by_iter[i]) / len(by_iter[i]) for i in its]
-            stats = [mean_std(d for _, d in by_iter[i]) for i in its]
-            mean = [s[0] for s in stats]
-            std = [s[1] if math.isfinite(s[1]) else 0.0 for s in stats]
-            (line,) = ax.plot(t, mean, marker="o", markersize=2, label=algo)
-            ax.fill_between(t, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set(title=f"{preset}: {labeled} labeled, {iterations} iterations", xlabel="training time (min)",
-               ylabel="validation Dice (mean ± std over seeds)", ylim=(0, 1))
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: never over the lines
+            _band(ax, t, [[d for _, d in by_iter[i]] for i in its], algo)
+        _finish_axes(ax, f"{preset}: {labeled} labeled, {iterations} iterations", "training time (min)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -440,7 +440,8 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
     title = f"Benchmark `{preset.name}`"
     notes = preset_notes(preset)
     given = {"iterations": iterations, "data root": data_root, "device": device, "threads": threads,
-             "concurrent jobs": jobs if jobs > 1 else None, "timing": timing}
+             "concurrent jobs": jobs if jobs > 1 else None,
+             "timing": timing if timing and timing != preset.timing else None}
     used = [f"{k} {v}" for k, v in given.items() if v is not None]
     if used:
         notes.append("Given on the command line, over the preset: " + ", ".join(used) + ".")

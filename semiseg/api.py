@@ -18,11 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from semiseg.engine.config import TrainConfig
+from semiseg.engine.config import BACKBONE_SHORTCUTS, TrainConfig, default_synthetic_dim
 from semiseg.errors import DataError
-
-# the command line's conveniences that are not TrainConfig fields
-_BACKBONE_SHORTCUTS = ("width", "arch", "encoder", "weights")
 
 
 @dataclass
@@ -53,7 +50,7 @@ def train(algo: str = "supervised", *, data: Any = None, out: str | Path | None 
         registry.load_plugin(p)
     d: dict[str, Any] = {"algo": algo, "plugins": list(plugins)}
     backbone_options = dict(options.pop("backbone_options", {}) or {})
-    for k in _BACKBONE_SHORTCUTS:
+    for k in BACKBONE_SHORTCUTS:
         if k in options:
             backbone_options[k] = options.pop(k)
     data_options = dict(options.pop("data_options", {}) or {})
@@ -69,10 +66,9 @@ def train(algo: str = "supervised", *, data: Any = None, out: str | Path | None 
     d.update(options, backbone_options=backbone_options, data_options=data_options)
     if d.get("data_root") is not None:
         d["data_root"] = str(Path(d["data_root"]).expanduser().resolve())
-    if d.get("data", "synthetic") == "synthetic" and "dim" not in data_options:
-        data_options["dim"] = 3 if d.get("backbone") in ("vnet", "unet3d") else 2
     d["out"] = str(out) if out is not None else f"runs/{algo}-{d.get('data', 'synthetic')}-s{d.get('seed', 0)}"
     cfg = TrainConfig.from_dict(d, source="semiseg.train()")
+    default_synthetic_dim(cfg)
     check_run_dir(Path(cfg.out), resume, flag="resume=True")
     trainer = Trainer(cfg, quiet=quiet, explicit=set(d) - {"out", "plugins"}, data=memory)
     summary = trainer.fit(resume=resume)

@@ -144,7 +144,7 @@ TRAIN_FLAGS = {
 @click.pass_context
 def train(ctx: click.Context, **kw: Any) -> None:
     """Train an algorithm. Example: semiseg train --algo crossmatch --backbone vnet"""
-    from semiseg.engine.config import TrainConfig, parse_options
+    from semiseg.engine.config import BACKBONE_SHORTCUTS, TrainConfig, default_synthetic_dim, parse_options
 
     for p in kw["plugins"]:
         registry.load_plugin(p)
@@ -169,7 +169,7 @@ def train(ctx: click.Context, **kw: Any) -> None:
     # option groups given on the command line count as chosen too (recipe, resume)
     for key, given_now in (("algo_options", kw["algo_opts"]), ("patch_size", kw["patch_size"]),
                            ("backbone_options", kw["backbone_opts"] or any(kw[k] is not None for k in
-                                                                          ("arch", "encoder", "weights", "width"))),
+                                                                          BACKBONE_SHORTCUTS)),
                            ("data_options", kw["data_opts"] or kw["dim"]), ("loggers", kw["loggers"])):
         if given_now:
             explicit.add(key)
@@ -178,14 +178,12 @@ def train(ctx: click.Context, **kw: Any) -> None:
     cfg.algo_options.update(parse_options(kw["algo_opts"], "--opt"))
     cfg.backbone_options.update(parse_options(kw["backbone_opts"], "--backbone-opt"))
     cfg.data_options.update(parse_options(kw["data_opts"], "--data-opt"))
-    for k in ("arch", "encoder", "weights", "width"):
+    for k in BACKBONE_SHORTCUTS:
         if kw[k] is not None:
             cfg.backbone_options[k] = kw[k]
     if kw["dim"]:
         cfg.data_options["dim"] = int(kw["dim"])
-    if cfg.data == "synthetic" and "dim" not in cfg.data_options:
-        # the backbone decides: vnet/unet3d want volumes, everything else images
-        cfg.data_options["dim"] = 3 if cfg.backbone in ("vnet", "unet3d") else 2
+    default_synthetic_dim(cfg)
     cfg.plugins = sorted(set(cfg.plugins) | set(kw["plugins"]) | set((ctx.obj or {}).get("plugins", [])))
     if not cfg.out or (given("out") and kw["out"] is None):
         cfg.out = f"runs/{cfg.algo}-{cfg.data}-s{cfg.seed}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,23 +30,32 @@ def shared_data() -> Path:
     return path
 
 
-@pytest.fixture
-def clean_registry():
-    """Undo whatever a test registers in the global tables or records as loaded plugins."""
+@contextmanager
+def restored_registry() -> Iterator[None]:
+    """Undo whatever the body registers in the global tables or records as loaded plugins."""
     from semiseg import registry
 
     registry.ALGORITHMS.names()  # built-ins first, so they are part of the snapshot
     saved = {name: (dict(t._table), dict(t._origin)) for name, t in registry.TABLES.items()}
     plugins = list(registry._loaded_plugins)
     modules = set(sys.modules)
-    yield
-    for name, t in registry.TABLES.items():
-        t._table.clear()
-        t._table.update(saved[name][0])
-        t._origin.clear()
-        t._origin.update(saved[name][1])
-    registry._loaded_plugins[:] = plugins
-    registry._current_origin.current = None
-    for m in set(sys.modules) - modules:
-        if m.startswith(("semiseg_plugin_", "fake_semiseg_ep_")):
-            del sys.modules[m]
+    try:
+        yield
+    finally:
+        for name, t in registry.TABLES.items():
+            t._table.clear()
+            t._table.update(saved[name][0])
+            t._origin.clear()
+            t._origin.update(saved[name][1])
+        registry._loaded_plugins[:] = plugins
+        registry._current_origin.current = None
+        for m in set(sys.modules) - modules:
+            if m.startswith(("semiseg_plugin_", "fake_semiseg_ep_")):
+                del sys.modules[m]
+
+
+@pytest.fixture
+def clean_registry():
+    """The registry as it was before the test (plugins a test loads do not leak into the next)."""
+    with restored_registry():
+        yield

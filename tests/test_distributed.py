@@ -35,12 +35,12 @@ import os
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import restored_registry
 
 from semiseg import registry
 from semiseg.engine import distributed as dist_utils
@@ -131,27 +131,6 @@ def train_here(args: list[str]) -> None:
     with restored_registry():
         r = CliRunner().invoke(cli, ["train", *args])
     assert r.exit_code == 0, (r.output, r.exception)
-
-
-@contextmanager
-def restored_registry():
-    """The test plugin registers names in the global tables; take them out again afterwards."""
-    registry.ALGORITHMS.names()  # load the built-ins first so they are part of the snapshot
-    saved = {name: (dict(t._table), dict(t._origin)) for name, t in registry.TABLES.items()}
-    plugins = list(registry._loaded_plugins)
-    modules = set(sys.modules)
-    try:
-        yield
-    finally:
-        for m in set(sys.modules) - modules:
-            if m.startswith("semiseg_plugin_"):
-                del sys.modules[m]
-        for name, t in registry.TABLES.items():
-            t._table.clear()
-            t._table.update(saved[name][0])
-            t._origin.clear()
-            t._origin.update(saved[name][1])
-        registry._loaded_plugins[:] = plugins
 
 
 def one_process_reference(two_proc_run: Path, out: Path, iterations: int | None = None):

@@ -577,9 +577,17 @@ def _run_parallel(preset: Preset, todo: Sequence[RunSpec], runs: Path, view: _Vi
     view.log(f"{len(todo)} runs on {jobs} concurrent jobs of {per_job} thread(s) each")
     interrupted = False
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(slots,))
+    queue = list(todo)
+
+    def submit() -> Any:
+        spec = queue.pop(0)
+        return pool.submit(_cell_worker, (preset, spec, runs / spec.dirname, command, data_root, device,
+                                          list(plugins), per_job))
+
     try:
-        futures = {pool.submit(_cell_worker, (preset, spec, runs / spec.dirname, command, data_root, device,
-                                              list(plugins), per_job)) for spec in todo}
+        # never more cells handed out than workers: the pool would otherwise queue cells ahead, and those
+        # would still start after an interrupt
+        futures = {submit() for _ in range(min(jobs, len(queue)))}
         while futures and not interrupted:
             done, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in done:
@@ -589,6 +597,8 @@ def _run_parallel(preset: Preset, todo: Sequence[RunSpec], runs: Path, view: _Vi
                     view.log(f"interrupted during {spec.dirname}; rerun the same command to resume it")
                 else:
                     finish(spec, row)
+                    if queue:
+                        futures.add(submit())
     except KeyboardInterrupt:
         interrupted = True
     finally:

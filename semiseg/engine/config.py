@@ -135,6 +135,16 @@ class TrainConfig:
             raise ConfigError(f"--labeled must be a positive count or a fraction in (0, 1), got {self.labeled}.")
 
 
+# Flags of `semiseg train` (and keywords of `semiseg.train`) that are backbone options, not config fields.
+BACKBONE_SHORTCUTS = ("arch", "encoder", "weights", "width")
+
+
+def default_synthetic_dim(cfg: TrainConfig) -> None:
+    """Synthetic data without a ``dim``: the backbone decides (vnet/unet3d want volumes, the rest images)."""
+    if cfg.data == "synthetic" and "dim" not in cfg.data_options:
+        cfg.data_options["dim"] = 3 if cfg.backbone in ("vnet", "unet3d") else 2
+
+
 def parse_value(text: str) -> Any:
     """'0.3' -> 0.3, 'true' -> True, '[64,64,32]' and '64,64' -> lists; anything else stays a string."""
     t = text.strip()

@@ -79,10 +79,14 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(part, "train_step", stop_at_11)
     s = part.fit()
     assert s["interrupted"] and s["iteration"] == 11
+    first_part = ckpt_io.load(tmp_path / "b" / "checkpoints" / "last.pt")["train_seconds"]
+    assert first_part == pytest.approx(s["train_seconds"], rel=0.05)
     monkeypatch.undo()
     resumed = Trainer(cfg2d(tmp_path, out=str(tmp_path / "b"), iterations=16, val_every=8), quiet=True)
     s2 = resumed.fit(resume=True)
     assert s2["iteration"] == 16
+    # the training time of a resumed run counts both sessions (a bench reports it as the run's time)
+    assert s2["train_seconds"] > first_part > 0
     assert torch.equal(params(full.model), params(resumed.model))
     assert s2["last"]["dice"] == full.last_val["dice"]
 

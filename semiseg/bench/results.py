@@ -354,27 +354,34 @@ def plot_dice_vs_iter(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
 
 
 def plot_dice_vs_time(path: str | Path, curves: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> None:
-    """Time to accuracy: validation Dice against training wall-clock minutes, one line per algorithm (mean over
-    seeds, band: +- std over seeds). A run's validation at iteration i is placed at i / iterations x its
-    training time (``train_s``), so the x axis is what a user waits for on the machine that ran the grid."""
+    """Time to accuracy: validation Dice against training minutes, one line per algorithm (mean over seeds, band:
+    +- std over seeds). A run's validation at iteration i is placed at i x its clean time per iteration
+    (``ms_per_iter``, measured alone on the machine), so runs trained side by side (``--jobs``) or resumed are
+    placed as one uninterrupted run on an idle machine would be; rows without a timing fall back to
+    i / iterations x their training time (``train_s``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train_s = {row_key(r): to_float(r.get("train_s")) for r in rows}
+    def minutes_per_iter(r: dict[str, Any]) -> float:
+        ms = to_float(r.get("ms_per_iter"))
+        if math.isfinite(ms):
+            return ms / 60000
+        return to_float(r.get("train_s")) / max(int(float(r.get("iterations") or 0)), 1) / 60
+
+    per_iter = {row_key(r): minutes_per_iter(r) for r in rows}
     blocks = _blocks(rows) or [("", "", "0")]
     fig, axes = plt.subplots(1, len(blocks), figsize=(6.4 * len(blocks), 3.8), squeeze=False)
     for ax, (preset, labeled, iterations) in zip(axes[0], blocks):
         sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == (preset, labeled, iterations)
-               and math.isfinite(train_s.get(row_key(c), math.nan))]
+               and math.isfinite(per_iter.get(row_key(c), math.nan))]
         for algo in dict.fromkeys(c["algo"] for c in sel):
             by_iter: dict[int, list[tuple[float, float]]] = {}
             for c in sel:
                 if c["algo"] == algo and math.isfinite(to_float(c["val_dice"])):
                     it = int(float(c["iter"]))
-                    minutes = it / int(iterations) * train_s[row_key(c)] / 60
-                    by_iter.setdefault(it, []).append((minutes, to_float(c["val_dice"])))
+                    by_iter.setdefault(it, []).append((it * per_iter[row_key(c)], to_float(c["val_dice"])))
             its = sorted(by_iter)
             t = [sum(m for m, _ in by_iter[i]) / len(by_iter[i]) for i in its]
             _band(ax, t, [[d for _, d in by_iter[i]] for i in its], algo)

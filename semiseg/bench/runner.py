@@ -205,7 +205,10 @@ def train_cell(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, comman
     t0 = time.perf_counter()
     with view.follow(f"{label}: training", trainer):
         summary = trainer.fit(resume=True)
-    train_s = time.perf_counter() - t0
+    # the run's whole training time, also when this call only finished it (None: an old checkpoint without it)
+    train_s = summary.get("train_seconds")
+    if train_s is None:
+        train_s = time.perf_counter() - t0
     del trainer
     gc.collect()
     if summary["interrupted"]:

@@ -190,6 +190,10 @@ class Trainer:
         self.iteration = 0
         self.best: dict[str, Any] = {"dice": -1.0, "iteration": -1}
         self.stage_best: dict[str, float] = {}  # best validation Dice within each stage (stages start from it)
+        # wall-clock seconds spent in fit() over all sessions of this run (None: resumed from a checkpoint that
+        # did not record it); a bench reports training time from it, so a resumed run counts its whole length
+        self._seconds_before: float | None = 0.0
+        self._fit_started: float | None = None
         self.notes: list[str] = []
         if cfg.diagnostics and self.data.unlabeled_truth is None:
             self.note(f"--diagnostics: dataset '{self.data.name}' has no labels for its unlabeled images, so "
@@ -270,9 +274,18 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "best": dict(self.best),
             "stage_best": dict(self.stage_best),
+            "train_seconds": self.train_seconds,
             "config": self.cfg.to_dict(),
             "meta": self.meta,
         }
+
+    @property
+    def train_seconds(self) -> float | None:
+        """Wall-clock seconds of training so far, summed over interrupted sessions (None when unknown)."""
+        if self._seconds_before is None:
+            return None
+        running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+        return self._seconds_before + running
 
     def save(self, name: str = "last") -> Path:
         path = self.out / "checkpoints" / f"{name}.pt"
@@ -298,6 +311,7 @@ class Trainer:
         self.iteration = int(ck["iteration"])
         self.best = dict(ck["best"])
         self.stage_best = dict(ck.get("stage_best") or {})
+        self._seconds_before = ck.get("train_seconds")
         return True
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -399,6 +413,7 @@ class Trainer:
         c = self.cfg
         if resume and self.resume() and not self.quiet and self.dist.is_main:
             print(f"resumed from {self.out / 'checkpoints' / 'last.pt'} at step {self.iteration}")
+        self._fit_started = time.perf_counter()
         dist_utils.agree(self.dist, self.iteration, "step to resume from")  # distributed: all loaded last.pt
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -454,7 +469,7 @@ class Trainer:
                 signal.signal(signal.SIGTERM, prev_handler)
         summary = {"iteration": self.iteration, "total": self.total, "interrupted": interrupted,
                    "best": self.best, "last": self.last_val if hasattr(self, "last_val") else None,
-                   "out": str(self.out), "notes": self.notes}
+                   "out": str(self.out), "notes": self.notes, "train_seconds": self.train_seconds}
         if self.dist.is_main and not interrupted:
             from semiseg.engine.progress import plot_curves
 

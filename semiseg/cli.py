@@ -281,8 +281,8 @@ def _relaunch_torchrun(nproc: int) -> None:
 @cli.command(name="eval")
 @click.argument("run", type=click.Path())
 @click.option("--split", default="test", show_default=True, help="Evaluation split (val, test, valtest...).")
-@click.option("--checkpoint", "which", type=click.Choice(["last", "best"]), default="last", show_default=True,
-              help="Which checkpoint of a run directory (the CrossMatch paper reports last).")
+@click.option("--checkpoint", "which", default="last", show_default=True,
+              help="last or best checkpoint of a run directory (the CrossMatch paper reports last), or a file.")
 @click.option("--data-root", help="Where the data lives now, if it moved since training.")
 @click.option("--out", help="Report directory (default RUN/eval/<split>-<checkpoint>, e.g. RUN/eval/test-last).")
 @click.option("--save-pred", type=click.Choice(["nifti", "h5", "none"]), default="nifti", show_default=True)
@@ -293,16 +293,21 @@ def _relaunch_torchrun(nproc: int) -> None:
 @click.option("--stride", help="Sliding-window stride for 3D, e.g. 18,18,4 (default: the dataset's official "
                                 "test stride, 18,18,4 on LA; else half the patch).")
 @click.option("--max-cases", type=int, help="Evaluate only the first N cases.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: average the predictions of every mirrored copy (4 in 2D, 8 in 3D).")
+@click.option("--inferer", type=click.Choice(["semiseg", "monai"]), default="semiseg", show_default=True,
+              help="3D sliding window: semiseg's (the published LA protocol) or MONAI's (needs semiseg[monai]).")
 @click.option("--device", default="auto", show_default=True)
 def eval_cmd(run: str, split: str, which: str, data_root: str | None, out: str | None, save_pred: str,
-             empty: str, spacing: str, stride: str | None, max_cases: int | None, device: str) -> None:
+             empty: str, spacing: str, stride: str | None, max_cases: int | None, tta: str, inferer: str,
+             device: str) -> None:
     """Evaluate RUN (a run directory or a .pt checkpoint): Dice, Jaccard, HD95, ASD per case and class."""
     from semiseg.evaluation.runs import evaluate_run
 
     st = tuple(_parse_size(stride)) if stride else None
     s = evaluate_run(run, split=split, data_root=data_root, out=out, which=which, device=device,
                      save_pred=None if save_pred == "none" else save_pred, empty=empty, spacing=spacing,
-                     max_cases=max_cases, stride=st)
+                     max_cases=max_cases, stride=st, tta=tta == "flip", inferer=inferer)
     unit = "mm" if spacing == "mm" else "vox"
     stride_text = f", stride {','.join(map(str, s['stride']))}" if s.get("stride") else ""
     t = Table(title=f"split '{split}', {s['checkpoint_rule']} checkpoint (step {s['iteration']}, {s['checkpoint']}): "
@@ -337,17 +342,25 @@ def _fmt(stat: Any) -> str:
 @click.option("--out", required=True, help="Folder for the predicted label maps.")
 @click.option("--format", "fmt", type=click.Choice(["nifti", "h5", "png"]), help="Default: png for 2D, nifti else.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--checkpoint", "which", type=click.Choice(["last", "best"]), default="last", show_default=True,
-              help="Which checkpoint of a run directory (as `semiseg eval`).")
+@click.option("--checkpoint", "which", default="last", show_default=True,
+              help="last or best checkpoint of a run directory (as `semiseg eval`), or a checkpoint file.")
+@click.option("--save-prob", is_flag=True, help="Also write class probabilities (<case>_prob.nii.gz, 4D on the "
+                                                 "input's grid; .npz for other inputs).")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: average the predictions of every mirrored copy (4 in 2D, 8 in 3D).")
+@click.option("--inferer", type=click.Choice(["semiseg", "monai"]), default="semiseg", show_default=True,
+              help="3D sliding window: semiseg's or MONAI's (needs semiseg[monai]).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files in --out (never an input).")
 def predict(checkpoint: str, inputs: tuple[str, ...], out: str, fmt: str | None, device: str, which: str,
-            overwrite: bool) -> None:
+            save_prob: bool, tta: str, inferer: str, overwrite: bool) -> None:
     """Predict label maps for new images (NIfTI, h5, PNG/JPG/TIFF files, or folders of them) with a run directory
-    or a checkpoint file."""
+    or a checkpoint file. NIfTI inputs go through the model's stored preprocessing and come back on their own
+    grid with their own affine; nnU-Net channel files (case_0000, case_0001...) form one case."""
     from semiseg.evaluation.runs import predict_files
 
     for p in predict_files(checkpoint, list(inputs), out, device=device, fmt=fmt, which=which,
-                           overwrite=overwrite):
+                           overwrite=overwrite, save_prob=save_prob, tta=tta == "flip", inferer=inferer,
+                           progress=True):
         console.print(f"wrote {escape(str(p))}", highlight=False, soft_wrap=True)
 
 

@@ -11,6 +11,7 @@ import torch
 from semiseg.augment.mixing import bcp_mask, copy_paste, cutmix, cutmix_target
 from semiseg.augment.policies2d import Medical2D, sample_cutmix_box
 from semiseg.augment.policies3d import Medical3D, bias_field, num_bias_coefficients
+from semiseg.errors import ConfigError
 
 P2 = (32, 24)
 P3 = (16, 16, 12)
@@ -47,7 +48,31 @@ def test_registered_with_explicit_options():
     assert POLICIES._table["medical2d"] is Medical2D
     assert POLICIES._table["medical3d"] is Medical3D
     assert accepted_kwargs(Medical2D) == ({"patch_size", "quantize", "cutmix_p", "jitter_p", "blur_p"}, False)
-    assert accepted_kwargs(Medical3D) == ({"patch_size", "cutmix_p", "bias_p", "blur_p"}, False)
+    assert accepted_kwargs(Medical3D) == ({"patch_size", "cutmix_p", "bias_p", "blur_p", "foreground"}, False)
+
+
+def test_foreground_share_centres_patches_on_the_organ():
+    # a 4-voxel organ in a 40x40x24 volume: uniform 8x8x8 crops almost never see it, foreground=1 always does
+    image = np.zeros((1, 40, 40, 24), np.float32)
+    label = np.zeros((40, 40, 24), np.int64)
+    label[30:32, 5:7, 20] = 1
+    image[0][label == 1] = 7.0
+    seen = {}
+    for share in (0.0, 1.0):
+        pol = Medical3D(patch_size=(8, 8, 8), foreground=share)
+        hits = [pol.weak(image, label, rngs(i))[1].any() for i in range(40)]
+        seen[share] = sum(hits)
+    assert seen[1.0] == 40 and seen[0.0] < 10
+    pol = Medical3D(patch_size=(8, 8, 8), foreground=1.0)
+    img, lab = pol.weak(image, label, rngs(3))
+    assert img.shape == (1, 8, 8, 8) and lab.shape == (8, 8, 8)
+    np.testing.assert_array_equal(img[0] == 7.0, lab == 1)  # image and label cropped together
+    # the share draws nothing when it is 0, so the official LA pipeline keeps its random stream
+    a = Medical3D(patch_size=(8, 8, 8)).weak(image, label, rngs(5))
+    b = Medical3D(patch_size=(8, 8, 8), foreground=0.0).weak(image, label, rngs(5))
+    np.testing.assert_array_equal(a[0], b[0])
+    with pytest.raises(ConfigError, match="share of labeled patches"):
+        Medical3D(patch_size=(8, 8, 8), foreground=1.5)
 
 
 # -- shapes --------------------------------------------------------------------------------------

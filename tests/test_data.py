@@ -302,12 +302,15 @@ def test_nifti_2d(tmp_path):
     cases = d.cases("val")
     assert [c.name for c in cases] == ["case_004", "case_005"]
     c = cases[0]
-    assert c.image.shape == (1, 8, 16, 14) and c.label.shape == (8, 16, 14) and c.spacing == (2.0, 1.5, 1.0)
+    # the image is preprocessed and slices-first (C, Z, X, Y); the label stays on the file's grid, with its
+    # spacing and affine, and ``restore`` maps the predictor's probabilities there
+    assert c.image.shape == (1, 8, 16, 14) and c.label.shape == (16, 14, 8) and c.spacing == (1.5, 1.0, 2.0)
     original = nib.load(str(tmp_path / "imagesTr" / "case_004_0000.nii.gz"))
-    k, i, j = 3, 5, 7  # the permuted affine maps the transposed index to the same world point
-    np.testing.assert_allclose(c.affine @ [k, i, j, 1], original.affine @ [i, j, k, 1])
+    np.testing.assert_array_equal(c.affine, original.affine)
     lab = np.asanyarray(nib.load(str(tmp_path / "labelsTr" / "case_004.nii.gz")).dataobj)
-    np.testing.assert_array_equal(c.label[k], lab[..., k])
+    np.testing.assert_array_equal(c.label, lab)
+    onehot = np.eye(3, dtype=np.float32)[lab].transpose(3, 2, 0, 1)  # (K, Z, X, Y) as a prediction would be
+    np.testing.assert_array_equal(c.restore(onehot).argmax(0), lab)
 
 
 def make_folder(root: Path, n: int = 6, rgb: bool = False, binary: bool = True, shape=(20, 24)) -> Path:

@@ -186,7 +186,7 @@ def test_predict_png_nifti_and_h5(run2d, tmp_path):
     out = tmp_path / "pred"
     res = invoke("predict", rand, tmp_path / "a.png", tmp_path / "b.nii.gz", tmp_path / "c.h5", "--out", out)
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.nii.gz", "c.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", "b.nii.gz", "c.nii.gz"]
     for name in ("a.png", "b.nii.gz", "c.nii.gz"):
         assert f"wrote {out / name}" in flat(res.stderr)
     png = np.asarray(Image.open(out / "a.png"))

@@ -37,7 +37,9 @@ def test_folders_unique_names_and_no_overwrite(run2d, tmp_path):
     out = tmp_path / "pred"
     r = invoke("predict", run2d, tmp_path / "in", "--out", out)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["scan-2.png", "scan.png", "x.b.png", "x.c.png"]
+    names = ["scan-2", "scan", "x.b", "x.c"]  # each label map comes with its colour overlay
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.png" for n in names]
+                                                           + [f"{n}_overlay.png" for n in names])
     before = (out / "scan.png").read_bytes()
     r = invoke("predict", run2d, a, "--out", out)
     assert r.exit_code == 2 and "exists; pass --overwrite" in r.output

@@ -3,6 +3,8 @@
 Weak: RandomRotFlip (rot90 by k in the X-Y plane, then a flip of X or Y) followed by RandomCrop to the patch.
 This RotFlip-then-Crop order is the one of the CrossMatch (and UA-MT) training scripts; it also keeps the
 patch shape when X != Y.
+With ``foreground`` > 0 (nnU-Net uses 1/3; the ``nifti`` data sets 1/3 by default, ``la`` keeps the official
+0) that share of labeled patches is centred on a random foreground voxel instead of drawn uniformly.
 Strong, each branch independently: with p=0.8 torchio's RandomBiasField (order 3, coefficients U(-0.5, 0.5),
 field exp(polynomial)) followed by a gamma with log(gamma) ~ U(-0.5, 0.5) applied as sign(I)|I|^gamma
 (LA intensities are z-scored, hence negative); with p=0.5 torchio's RandomBlur with std ~ U(0.1, 2)
@@ -42,6 +44,30 @@ def random_crop_pad(
     image = image[(slice(None), *window)]
     label = None if label is None else label[window]
     return image, label
+
+
+def foreground_crop_pad(
+    image: np.ndarray, label: np.ndarray, patch: tuple[int, int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A patch centred on a random foreground voxel (nnU-Net's oversampling: a class present is drawn first,
+    then one of its voxels), zero-padded where the patch leaves the volume; None when there is no foreground."""
+    classes = np.unique(label)
+    classes = classes[classes > 0]
+    if classes.size == 0:
+        return None
+    c = classes[int(rng.integers(0, classes.size))]
+    voxels = np.flatnonzero(label == c)
+    centre = np.unravel_index(int(voxels[int(rng.integers(0, voxels.size))]), label.shape)
+    pads, window = [], []
+    for size, p, m in zip(label.shape, patch, centre):
+        start = int(m) - p // 2
+        lo, hi = max(0, -start), max(0, start + p - size)
+        pads.append((lo, hi))
+        window.append(slice(start + lo, start + lo + p))
+    if any(lo or hi for lo, hi in pads):
+        image = np.pad(image, [(0, 0), *pads], mode="constant", constant_values=0)
+        label = np.pad(label, pads, mode="constant", constant_values=0)
+    return image[(slice(None), *window)], label[tuple(window)]
 
 
 def bias_field(shape: tuple[int, int, int], coefficients: np.ndarray, order: int = 3) -> np.ndarray:
@@ -97,6 +123,7 @@ class Medical3D(Policy):
         cutmix_p: float = 0.5,
         bias_p: float = 0.8,
         blur_p: float = 0.5,
+        foreground: float = 0.0,
     ) -> None:
         super().__init__(patch_size)
         if len(self.patch_size) != 3:
@@ -104,6 +131,10 @@ class Medical3D(Policy):
         self.cutmix_p = float(cutmix_p)
         self.bias_p = float(bias_p)
         self.blur_p = float(blur_p)
+        if not 0.0 <= float(foreground) <= 1.0:
+            raise ConfigError(f"medical3d foreground={foreground} is a share of labeled patches; give a number "
+                              f"in [0, 1].")
+        self.foreground = float(foreground)
         tio = _torchio()
         self._blur = tio.RandomBlur(std=(0.1, 2.0))
 
@@ -112,7 +143,7 @@ class Medical3D(Policy):
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         _check(image, label)
-        image, label = self._geometric(image, label, rng)
+        image, label = self._geometric(image, label, rng, self.foreground)
         return image, label
 
     def weak_unlabeled(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -122,15 +153,23 @@ class Medical3D(Policy):
 
     def weak_unlabeled_pair(self, image: np.ndarray, label: np.ndarray,
                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        return self.weak(image, label, rng)  # the unlabeled pipeline is the labeled one
+        _check(image, label)
+        # the unlabeled pipeline: uniform crops only (unlabeled patches cannot look for the organ)
+        image, label = self._geometric(image, label, rng)
+        return image, label
 
     def _geometric(
-        self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
+        self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, foreground: float = 0.0
     ) -> tuple[np.ndarray, np.ndarray | None]:
         k, axis = int(rng.integers(0, 4)), int(rng.integers(0, 2))
         image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
         label = None if label is None else np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
-        image, label = random_crop_pad(image, label, self.patch_size, rng)
+        # a share of labeled patches centred on the organ; the draw happens only when the option is on, so
+        # the official LA pipeline (share 0) keeps its random stream
+        crop = None
+        if foreground > 0 and label is not None and rng.random() < foreground:
+            crop = foreground_crop_pad(image, label, self.patch_size, rng)
+        image, label = crop if crop is not None else random_crop_pad(image, label, self.patch_size, rng)
         image = np.ascontiguousarray(image, dtype=np.float32)
         label = None if label is None else np.ascontiguousarray(label, dtype=np.int64)
         return image, label

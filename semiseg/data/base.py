@@ -14,7 +14,7 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,10 @@ class Case:
     spacing: tuple[float, ...] | None = None  # physical voxel size per spatial axis, None = voxels
     affine: np.ndarray | None = None  # 4x4 affine for NIfTI output where known
     meta: dict[str, Any] = field(default_factory=dict)
+    # Where ``image`` was preprocessed onto another grid than ``label`` (NIfTI plans): maps class probabilities
+    # (K, *image grid) to (K, *label grid); ``restore.grid(x)`` moves any (C, *image grid) array without
+    # renormalising. None: image and label share one grid.
+    restore: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 class LazyItems(Sequence):
@@ -72,6 +76,9 @@ class SegData:
     # The unlabeled items with the labels training never sees ((image, label), same order as ``unlabeled``),
     # where the files hold them; read only by the pseudo-label diagnostics, never by a loss.
     unlabeled_truth: Sequence | None = None
+    # Options the dataset gives its default policy (e.g. the share of foreground-centred 3D patches); the
+    # user's ``policy_options`` win, and a policy chosen with ``--policy`` gets none of them.
+    policy_options: dict[str, Any] = field(default_factory=dict)
 
     def cases(self, split: str) -> list[Case]:
         from semiseg.errors import ConfigError

@@ -116,6 +116,19 @@ def check_same_shape(shape_a: Sequence[int], shape_b: Sequence[int], path_a: Pat
                         f"re-export the label on the image grid.")
 
 
+def check_same_affine(affine_a: np.ndarray | None, affine_b: np.ndarray, path_a: Path | str,
+                      path_b: Path | str) -> None:
+    """Two files of one case must sit at the same place in the world (their affines agree to 0.001 mm), or a
+    label would be learned and written shifted or flipped against its image."""
+    if affine_a is None:
+        return
+    a, b = np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64)
+    if not np.allclose(a[:3], b[:3], rtol=0, atol=1e-3):
+        worst = float(np.abs(a[:3] - b[:3]).max())
+        raise DataError(f"The affines of '{path_a}' and '{path_b}' disagree (by up to {worst:.4g} mm), so they do "
+                        f"not cover the same voxels in space; re-export '{path_b}' on the grid of '{path_a}'.")
+
+
 def check_label_values(label: np.ndarray, num_classes: int, path: Path | str, fix: str | None = None) -> None:
     """Labels must be whole numbers in ``[0, num_classes)``."""
     if label.size == 0:

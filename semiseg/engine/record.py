@@ -110,6 +110,10 @@ def run_record(trainer: Any) -> dict[str, Any]:
 
 
 def write_record(trainer: Any, out: Path) -> None:
-    """config.yaml (resolved) and run.json in ``out``."""
+    """config.yaml (resolved) and run.json in ``out``, and plan.json where the data has a preprocessing plan
+    (the same plan is in every checkpoint's meta, which is what eval and predict replay)."""
     resolved_config(trainer).save(out / "config.yaml")
     (out / "run.json").write_text(json.dumps(run_record(trainer), indent=2, default=str))
+    plan = trainer.meta.get("preprocessing")
+    if plan is not None:
+        (out / "plan.json").write_text(json.dumps(plan, indent=2))

@@ -116,7 +116,9 @@ def build_model(cfg: TrainConfig, data) -> nn.Module:
 
 def build_policy(cfg: TrainConfig, data):
     name = cfg.policy or data.policy
-    return registry.POLICIES.create(name, patch_size=tuple(data.patch_size), **cfg.policy_options)
+    options = dict(data.policy_options) if name == data.policy else {}
+    options.update(cfg.policy_options)
+    return registry.POLICIES.create(name, patch_size=tuple(data.patch_size), **options)
 
 
 def build_algorithm(cfg: TrainConfig, data) -> Algorithm:
@@ -207,6 +209,9 @@ class Trainer:
             "dim": self.data.dim,
             "patch_size": list(self.data.patch_size),
             "data": cfg.data,
+            "class_names": list(self.data.class_names) if self.data.class_names else None,
+            # how images were reoriented, resampled and normalised (NIfTI data): replayed by eval and predict
+            "preprocessing": self.data.info.get("preprocessing"),
         }
 
     # -- parts ----------------------------------------------------------------------------------------------

@@ -108,13 +108,15 @@ def predict_slices(
     batch_size: int = 16,
     mode: str = "nearest",
     device: str | torch.device | None = None,
-) -> np.ndarray:
+    return_probs: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Label map ``(D, H, W)`` of a volume ``(C, D, H, W)`` or ``(D, H, W)`` predicted slice by slice.
 
     ``mode="nearest"``: the published ACDC test (scipy ``zoom`` order 0 to ``size``, argmax of softmax,
     order 0 back). ``mode="bilinear"``: the in-training validation (bilinear resize of the image, bilinear
     resize of the logits back, argmax). ``batch_size`` slices go through the net at once (eval mode: no
-    effect on results).
+    effect on results). With ``return_probs`` also the class probabilities ``(K, D, H, W)`` float32, moved back
+    the same way as the labels (their argmax is the label map).
     """
     if mode not in ("nearest", "bilinear"):
         raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
@@ -127,8 +129,9 @@ def predict_slices(
     dev = _device(model, device)
     vol = vol.float()
     pred = np.zeros((d, h, w), dtype=np.int64)
+    probs: np.ndarray | None = None
     if d == 0:
-        return pred
+        return (pred, np.zeros((num_classes or 0, 0, h, w), np.float32)) if return_probs else pred
     if mode == "nearest":
         zoom_in = (size[0] / h, size[1] / w)
         in_idx = _zoom_index((h, w), zoom_in)
@@ -147,16 +150,25 @@ def predict_slices(
                 x = x.reshape(n, c, h * w).index_select(2, in_idx_t).reshape(n, c, zh, zw)
                 logits = _logits(model, x)
                 _check_classes(logits, num_classes)
-                lab = torch.argmax(torch.softmax(logits, dim=1), dim=1)  # as published: argmax of softmax
+                soft = torch.softmax(logits, dim=1)
+                lab = torch.argmax(soft, dim=1)  # as published: argmax of softmax
                 lab = lab.reshape(n, zh * zw).index_select(1, out_idx_t).reshape(n, h, w)
+                if return_probs:
+                    k = soft.shape[1]
+                    soft = soft.reshape(n, k, zh * zw).index_select(2, out_idx_t).reshape(n, k, h, w)
             else:
                 x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
                 logits = _logits(model, x)
                 _check_classes(logits, num_classes)
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
                 lab = torch.argmax(logits, dim=1)
+                soft = torch.softmax(logits, dim=1) if return_probs else None
             pred[s : s + n] = lab.cpu().numpy()
-    return pred
+            if return_probs:
+                if probs is None:
+                    probs = np.zeros((soft.shape[1], d, h, w), dtype=np.float32)
+                probs[:, s : s + n] = soft.float().cpu().numpy().transpose(1, 0, 2, 3)
+    return (pred, probs) if return_probs else pred
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -79,6 +79,8 @@ def _slice_axis(case: Case, shape: tuple[int, ...]) -> int:
 def _montage_slices(case: Case, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """2D image, label and prediction through the middle of the object (of the volume when there is none)."""
     image = np.asarray(case.image)
+    if case.restore is not None and hasattr(case.restore, "grid"):  # the image as it lies on the label's grid
+        image = case.restore.grid(image[:1])
     image = image[0] if image.ndim == pred.ndim + 1 else image
     label = None if case.label is None else np.asarray(case.label)
     if pred.ndim == 2:
@@ -152,7 +154,8 @@ def evaluate_cases(
     class_names: Sequence[str] | None = None,
     about: dict[str, Any] | None = None,
 ) -> dict:
-    """Predict every case with ``predict_fn(case.image) -> labels``, score it and optionally write a report.
+    """Predict every case with ``predict_fn(case.image) -> labels`` (``predict_fn(case.image, case.restore)``
+    for cases whose image was preprocessed onto another grid), score it and optionally write a report.
 
     ``spacing_mode="voxel"`` gives distances in voxels (the published protocols); ``"mm"`` uses each case's
     spacing (an error when a case has none). ``empty`` is the empty-mask policy (``"nan"`` or ``"zero"``).
@@ -185,7 +188,7 @@ def evaluate_cases(
     seconds = 0.0
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
-        pred = predict_fn(case.image)
+        pred = predict_fn(case.image) if case.restore is None else predict_fn(case.image, case.restore)
         seconds += time.perf_counter() - t0
         pred = pred.detach().cpu().numpy() if hasattr(pred, "detach") else np.asarray(pred)
         if out is not None and save_pred is not None:

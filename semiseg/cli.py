@@ -33,7 +33,9 @@ class SemisegGroup(click.Group):
     """Turns SemisegError into one red sentence and exit code 2 (--debug shows the traceback). Commands in
     ``LAZY`` are imported only when run, so `semiseg --help` and `--version` never import torch."""
 
-    LAZY = {"bench": ("semiseg.bench.command", "Run algorithms x labeled splits x seeds; write results and plots.")}
+    LAZY = {"bench": ("semiseg.bench.command", "Run algorithms x labeled splits x seeds; write results and plots."),
+            "export": ("semiseg.export",
+                       "Write the network as ONNX, TorchScript or safetensors with its preprocessing plan.")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])
@@ -94,8 +96,10 @@ TRAIN_FLAGS = {
 @click.option("--recipe", type=click.Choice(["default", "official"]), default="default", show_default=True,
               help="official: the algorithm's official optimizer, schedule, length and batch sizes (flags win).")
 @click.option("--opt", "algo_opts", multiple=True, help="Algorithm option key=value, e.g. --opt eta=0.3.")
-@click.option("--backbone", default="auto", show_default=True, help="unet, vnet, unet3d, smp; auto picks by data.")
-@click.option("--arch", help="smp architecture, e.g. Unet, FPN, DeepLabV3Plus (with --backbone smp).")
+@click.option("--backbone", default="auto", show_default=True,
+              help="unet, vnet, unet3d, smp, monai; auto picks by data.")
+@click.option("--arch", help="smp architecture (Unet, FPN, DeepLabV3Plus...) or MONAI network (BasicUNet, UNet, "
+                            "SegResNet, DynUNet, SwinUNETR).")
 @click.option("--encoder", help="smp/timm encoder, e.g. resnet34 or tu-resnet10t (with --backbone smp).")
 @click.option("--weights", help="Local weights file for the smp encoder (no downloads).")
 @click.option("--width", type=float, help="Width multiplier for thinner networks (e.g. 0.5 on CPU).")

@@ -142,7 +142,7 @@ BACKBONE_SHORTCUTS = ("arch", "encoder", "weights", "width")
 def default_synthetic_dim(cfg: TrainConfig) -> None:
     """Synthetic data without a ``dim``: the backbone decides (vnet/unet3d want volumes, the rest images)."""
     if cfg.data == "synthetic" and "dim" not in cfg.data_options:
-        cfg.data_options["dim"] = 3 if cfg.backbone in ("vnet", "unet3d") else 2
+        cfg.data_options["dim"] = 3 if cfg.backbone in ("vnet", "unet3d") or cfg.backbone_options.get("dim") == 3 else 2
 
 
 def parse_value(text: str) -> Any:

@@ -98,10 +98,12 @@ def build_model(cfg: TrainConfig, data) -> nn.Module:
     opts = dict(cfg.backbone_options)
     opts.setdefault("in_channels", data.in_channels)
     opts.setdefault("num_classes", data.num_classes)
+    if "dim" in registry.accepted_kwargs(registry.BACKBONES.get(name))[0]:
+        opts.setdefault("dim", data.dim)  # dimension-generic backbones (monai) follow the data
     model = registry.create_backbone(name, **opts)
     bdim = getattr(model, "dim", None)
     if bdim is not None and bdim != data.dim:
-        other = "vnet or unet3d" if data.dim == 3 else "unet or smp"
+        other = "vnet, unet3d or monai" if data.dim == 3 else "unet, smp or monai"
         raise ConfigError(
             f"Backbone '{name}' is {bdim}D but dataset '{data.name}' is {data.dim}D; use --backbone {other}."
         )

@@ -26,6 +26,8 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> torch.nn.Module:
     opts.pop("weights", None)  # the trained weights replace any pre-trained encoder file
     opts.setdefault("in_channels", meta["in_channels"])
     opts.setdefault("num_classes", meta["num_classes"])
+    if "dim" in registry.accepted_kwargs(registry.BACKBONES.get(meta["backbone"]))[0]:
+        opts.setdefault("dim", int(meta.get("dim", 2)))  # dimension-generic backbones (monai)
     model = registry.create_backbone(meta["backbone"], **opts)
     model.load_state_dict(ckpt["model"])
     model = model.to(device).eval()

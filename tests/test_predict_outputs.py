@@ -84,3 +84,33 @@ def test_eval_refuses_to_write_predictions_into_the_dataset_root(tmp_path):
     with pytest.raises(ConfigError, match="lies inside the dataset root"):
         check_output_folder(root / "preds", [root], "the dataset root")
     check_output_folder(tmp_path / "elsewhere", [root], "the dataset root")  # anywhere else is fine
+
+
+def test_checkpoint_file_probabilities_mirroring_and_overlay_for_2d(run2d, tmp_path):
+    img = png(tmp_path / "in" / "scan.png", 120)
+    out = tmp_path / "pred"
+    ck = run2d / "checkpoints" / "last.pt"
+    r = invoke("predict", run2d, img, "--out", out, "--checkpoint", ck, "--save-prob", "--tta", "flip")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["scan.png", "scan_overlay.png", "scan_prob.npz"]
+    probs = np.load(out / "scan_prob.npz")["probabilities"]
+    labels = np.asarray(Image.open(out / "scan.png"))
+    assert probs.shape[1:] == (32, 32) and np.allclose(probs.sum(0), 1, atol=1e-5)
+    scale = 255 if probs.shape[0] == 2 else 1
+    np.testing.assert_array_equal(labels, probs.argmax(0) * scale)  # the label map is the probabilities' argmax
+    overlay = np.asarray(Image.open(out / "scan_overlay.png"))
+    assert overlay.shape == (32, 32, 3) and overlay.dtype == np.uint8
+    grey = overlay[labels == 0]
+    assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()  # background stays grey
+    r = invoke("predict", run2d, img, "--out", tmp_path / "x", "--checkpoint", tmp_path / "nope.pt")
+    assert r.exit_code == 2 and "does not exist; give last, best or a checkpoint file" in r.output
+
+
+def test_a_colour_picture_for_a_grey_model_is_refused(run2d, tmp_path):
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    r = invoke("predict", run2d, tmp_path / "colour.png", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "has 3 channel(s) but the model takes 1" in r.output
+    Image.fromarray(np.repeat(np.full((32, 32, 1), 90, np.uint8), 3, axis=2)).save(tmp_path / "grey.png")
+    assert invoke("predict", run2d, tmp_path / "grey.png", "--out", tmp_path / "o").exit_code == 0

@@ -128,6 +128,8 @@ TRAIN_FLAGS = {
 @click.option("--sync-bn/--no-sync-bn", default=False, show_default=True, help="SyncBatchNorm under torchrun.")
 @click.option("--patch-size", "--crop-size", "patch_size", help="Training crop/patch, e.g. 128,128 or 64x64x32.")
 @click.option("--policy", help="Augmentation policy (default: the dataset's).")
+@click.option("--policy-opt", "policy_opts", multiple=True,
+              help="Policy option key=value, e.g. --policy-opt foreground=0.33 (3D: share of organ-centred patches).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=int, help="Loader worker processes (default 0 on CPU, 4 on CUDA).")
@@ -174,7 +176,8 @@ def train(ctx: click.Context, **kw: Any) -> None:
     for key, given_now in (("algo_options", kw["algo_opts"]), ("patch_size", kw["patch_size"]),
                            ("backbone_options", kw["backbone_opts"] or any(kw[k] is not None for k in
                                                                           BACKBONE_SHORTCUTS)),
-                           ("data_options", kw["data_opts"] or kw["dim"]), ("loggers", kw["loggers"])):
+                           ("data_options", kw["data_opts"] or kw["dim"]), ("loggers", kw["loggers"]),
+                           ("policy_options", kw["policy_opts"])):
         if given_now:
             explicit.add(key)
     if kw["loggers"]:
@@ -182,6 +185,7 @@ def train(ctx: click.Context, **kw: Any) -> None:
     cfg.algo_options.update(parse_options(kw["algo_opts"], "--opt"))
     cfg.backbone_options.update(parse_options(kw["backbone_opts"], "--backbone-opt"))
     cfg.data_options.update(parse_options(kw["data_opts"], "--data-opt"))
+    cfg.policy_options.update(parse_options(kw["policy_opts"], "--policy-opt"))
     for k in BACKBONE_SHORTCUTS:
         if kw[k] is not None:
             cfg.backbone_options[k] = kw[k]

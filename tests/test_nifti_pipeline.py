@@ -283,3 +283,20 @@ def test_ct_channels_are_clipped_and_scaled_with_the_foreground_statistics(tmp_p
     image, _ = d.labeled[0]
     lo, hi = (np.array(ch["clip"]) - ch["mean"]) / ch["std"]
     assert image.min() >= lo - 1e-4 and image.max() <= hi + 1e-4
+
+
+def test_cli_target_spacing_and_foreground_share(la_nifti, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from semiseg.cli import cli
+
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(cli, ["train", "--algo", "supervised", "--data", "nifti", "--data-root", str(la_nifti),
+                                 "--data-opt", "target_spacing=1.5,1.5,4", "--policy-opt", "foreground=0.5",
+                                 "--labeled", "2", "--backbone", "vnet", "--width", "0.25", "--patch-size",
+                                 "32,32,16", "--iterations", "1", "--val-every", "1", "--batch-size", "2", "--quiet",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "plan.json").read_text())["target_spacing"] == [1.5, 1.5, 4.0]
+    assert yaml.safe_load((out / "config.yaml").read_text())["policy_options"] == {"foreground": 0.5}

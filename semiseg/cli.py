@@ -86,7 +86,7 @@ TRAIN_FLAGS = {
     "out": "out", "val_every": "val_every", "log_every": "log_every", "workers": "workers", "policy": "policy",
     "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn", "val_split": "val_split",
     "poly_total": "poly_total", "ema_decay": "ema_decay", "recipe": "recipe", "diagnostics": "diagnostics",
-    "nproc": "nproc",
+    "nproc": "nproc", "eval_net": "eval_net",
 }
 
 
@@ -135,6 +135,8 @@ TRAIN_FLAGS = {
 @click.option("--workers", type=int, help="Loader worker processes (default 0 on CPU, 4 on CUDA).")
 @click.option("--val-every", type=int, default=100, show_default=True)
 @click.option("--val-split", help="Split used for validation (default: the dataset's).")
+@click.option("--eval-net", help="Network that validation evaluates, for algorithms with several (e.g. model, "
+                                 "model2, teacher, or model+model2 for their ensemble; default: the algorithm's).")
 @click.option("--ema-decay", type=float, help="Override the EMA teacher decay.")
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--logger", "loggers", multiple=True, type=click.Choice(["tensorboard", "wandb", "mlflow"]),
@@ -305,17 +307,19 @@ def _relaunch_torchrun(nproc: int) -> None:
               help="flip: average the predictions of every mirrored copy (4 in 2D, 8 in 3D).")
 @click.option("--inferer", type=click.Choice(["semiseg", "monai"]), default="semiseg", show_default=True,
               help="3D sliding window: semiseg's (the published LA protocol) or MONAI's (needs semiseg[monai]).")
+@click.option("--eval-net", help="Network to evaluate, for algorithms with several (e.g. model2, or model+model2 "
+                                 "for their ensemble; default: the one the run validated).")
 @click.option("--device", default="auto", show_default=True)
 def eval_cmd(run: str, split: str, which: str, data_root: str | None, out: str | None, save_pred: str,
              empty: str, spacing: str, stride: str | None, max_cases: int | None, tta: str, inferer: str,
-             device: str) -> None:
+             eval_net: str | None, device: str) -> None:
     """Evaluate RUN (a run directory or a .pt checkpoint): Dice, Jaccard, HD95, ASD per case and class."""
     from semiseg.evaluation.runs import evaluate_run
 
     st = tuple(_parse_size(stride)) if stride else None
     s = evaluate_run(run, split=split, data_root=data_root, out=out, which=which, device=device,
                      save_pred=None if save_pred == "none" else save_pred, empty=empty, spacing=spacing,
-                     max_cases=max_cases, stride=st, tta=tta == "flip", inferer=inferer)
+                     max_cases=max_cases, stride=st, tta=tta == "flip", inferer=inferer, network=eval_net)
     unit = "mm" if spacing == "mm" else "vox"
     stride_text = f", stride {','.join(map(str, s['stride']))}" if s.get("stride") else ""
     t = Table(title=f"split '{split}', {s['checkpoint_rule']} checkpoint (step {s['iteration']}, {s['checkpoint']}): "

@@ -111,7 +111,7 @@ def test_duplicate_registration_is_an_error():
 
 
 def test_global_tables_hold_the_builtins():
-    assert {"supervised", "fixmatch", "unimatch", "crossmatch", "meanteacher", "uamt", "bcp"} <= set(
+    assert {"supervised", "fixmatch", "unimatch", "crossmatch", "meanteacher", "uamt", "bcp", "em", "ict"} <= set(
         registry.ALGORITHMS.names())
     assert {"unet", "vnet", "unet3d", "smp"} <= set(registry.list_models())
     assert {"synthetic", "acdc", "la", "nifti", "folder2d"} <= set(registry.DATASETS.names())

@@ -3,7 +3,9 @@
 from semiseg.algorithms import (  # noqa: F401
     bcp,
     crossmatch,
+    em,
     fixmatch,
+    ict,
     meanteacher,
     perturbations,
     supervised,

@@ -56,6 +56,31 @@ class Recipe:
     epoch_over: str = "unlabeled"  # or "labeled"
 
 
+PRIMARY = "model"  # the first trained network: the run's backbone, passed to ``step`` as ``model``
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network an algorithm owns (``Algorithm.networks()``; docs/design.md, "Several networks").
+
+    ``role``: ``"trained"`` (optimised, in a parameter group of its own at ``lr_scale`` x the run's learning rate;
+    built from the run's backbone, or from ``backbone`` with ``backbone_options`` over the run's options; ``init``
+    re-initialises it: ``"kaiming"`` or ``"xavier"`` normal convolutions, BatchNorm 1 and 0), ``"ema"`` (an
+    exponential moving average of the network ``of``: ``decay``, ``warmup``, ``buffers`` as ``EMATeacher``), or
+    ``"frozen"`` (a copy of ``of`` taken before training, never updated).
+    """
+
+    role: str = "trained"
+    of: str | None = None
+    lr_scale: float = 1.0
+    init: str | None = None
+    backbone: str | None = None
+    backbone_options: dict[str, Any] | None = None
+    decay: float = 0.99
+    warmup: bool = True
+    buffers: bool = False
+
+
 @dataclass
 class StepContext:
     """What the engine tells the algorithm about the current step."""
@@ -65,8 +90,9 @@ class StepContext:
     stage: str = "train"
     stage_iteration: int = 0
     stage_iterations: int = 0
-    teacher: nn.Module | None = None  # the EMA teacher, when the algorithm sets ``ema``
+    teacher: nn.Module | None = None  # the network named "teacher" (the EMA teacher of ``ema``), if any
     generator: torch.Generator | None = None  # for feature perturbations; None = torch's global RNG
+    networks: dict[str, nn.Module] = field(default_factory=dict)  # every network of ``networks()`` by name
 
 
 @dataclass
@@ -98,7 +124,12 @@ class Algorithm(ABC):
     year: int | None = None
     needs: tuple[str, ...] = ("labeled",)
     # An EMA teacher kept by the engine: {"decay": 0.99, "warmup": True, "buffers": False}; None = no teacher.
+    # A shortcut for ``networks()`` = model + an "ema" network "teacher".
     ema: dict[str, Any] | None = None
+    # Backbone options the method needs (an extra decoder, a multi-scale head); merged over the user's.
+    backbone_options: dict[str, Any] = {}
+    # The network (or "a+b" ensemble) that validation, eval and predict use; ``--eval-net`` overrides it.
+    eval_network: str = PRIMARY
 
     def __init__(self) -> None:
         self.num_classes = 2
@@ -112,6 +143,19 @@ class Algorithm(ABC):
         # ACDC-style multi-class Dice averages every class (background included); binary tasks (LA) use the
         # foreground channel only, as the official code of both does.
         self.dice_classes = "foreground" if num_classes == 2 else "all"
+
+    def networks(self) -> dict[str, Network]:
+        """The networks this algorithm trains or keeps, by name, ``model`` first (``step`` gets it as
+        ``model``, and all of them in ``ctx.networks``). Default: one trained network, plus the EMA teacher
+        ``teacher`` when ``ema`` is set."""
+        nets = {PRIMARY: Network()}
+        if self.ema is not None:
+            nets["teacher"] = Network("ema", of=PRIMARY, **self.ema)
+        return nets
+
+    def update_ema(self, name: str, iteration: int) -> bool:
+        """Whether the EMA network ``name`` follows its source after this step (AD-MT alternates two)."""
+        return True
 
     def stages(self, iterations: int) -> list[Stage]:
         return [Stage("train", iterations)]

@@ -172,7 +172,7 @@ class GraphAlgorithm(Algorithm):
                               f"{', '.join(perturbed)}), but the backbone {type(model).__name__} has no "
                               f"encode/decode; subclass semiseg.backbones.SegBackbone and implement both, or "
                               f"choose an algorithm without feature perturbation (supervised, fixmatch, "
-                              f"meanteacher, uamt, bcp).")
+                              f"meanteacher, uamt, bcp, em, ict).")
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             logits = model(torch.cat([views[v] for v in order]))
         per_view = dict(zip(order, logits.split([views[v].shape[0] for v in order])))

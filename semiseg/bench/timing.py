@@ -126,7 +126,7 @@ def time_iterations(trainer: Any, warmup: int = 5, iters: int = 20, iteration: i
     # Batches beyond the run's range: the loaders are a pure function of the iteration, so any start works,
     # and these are batches the run never trained on.
     loader = iter(trainer._loaders(trainer.total, trainer.total + warmup + iters))
-    trainer.model.train()
+    trainer.networks.train()
     times: list[float] = []
     with PeakMemory(device) as mem:
         for k in range(warmup + iters):
@@ -231,7 +231,13 @@ def flops_input_shape(trainer: Any) -> tuple[int, ...]:
 def time_trainer(trainer: Any, warmup: int = 5, iters: int = 20) -> dict[str, Any]:
     """:func:`time_iterations` + :func:`backbone_stats` on the preset's batch and patch + :func:`machine_info`."""
     out = time_iterations(trainer, warmup=warmup, iters=iters)
-    out.update(backbone_stats(trainer.model, flops_input_shape(trainer)))
+    # every trained network counts (CPS trains two); EMA and frozen copies are not trained, so they do not
+    stats = [backbone_stats(m, flops_input_shape(trainer)) for m in trainer.networks.trained().values()]
+    def total(k: str) -> Any:
+        values = [s[k] for s in stats]
+        return values[0] if k == "flops_input" or None in values else sum(values)
+
+    out.update({k: total(k) for k in stats[0]})
     out.update(machine_info(trainer.device))
     return out
 

@@ -52,6 +52,7 @@ class TrainConfig:
     diagnostics: bool = False  # log pseudo-label accuracy against the unlabeled images' true labels
     out: str = "runs/run"
     ema_decay: float | None = None  # override the algorithm's EMA decay
+    eval_net: str | None = None  # the network validation evaluates ("model", "teacher", "a+b" ensemble...)
     sync_bn: bool = False
     nproc: int = 1  # processes (torchrun); --batch-size is per process, so this keeps the global batch
     plugins: list[str] = field(default_factory=list)

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from semiseg.algorithms.base import Algorithm, StepContext, StepResult
+from semiseg.algorithms.base import PRIMARY, Algorithm, StepContext, StepResult
 from semiseg.errors import TrainingError
 
 DEFAULT_TIMEOUT_S = 3600
@@ -183,15 +183,16 @@ def convert_sync_batchnorm(module: nn.Module, group: Any = None) -> nn.Module:
 
 # -- one module per step --------------------------------------------------------------------------------------
 class StepModule(nn.Module):
-    """The backbone and the algorithm's step as one module, so DDP can wrap a whole training step."""
+    """The trained networks and the algorithm's step as one module, so DDP can wrap a whole training step (and
+    average the gradients of every trained network)."""
 
-    def __init__(self, backbone: nn.Module, algorithm: Algorithm) -> None:
+    def __init__(self, networks: dict[str, nn.Module], algorithm: Algorithm) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.networks = nn.ModuleDict(networks)
         self.algorithm = algorithm
 
     def forward(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> tuple[dict, dict, dict]:
-        r = self.algorithm.step(self.backbone, batch, ctx)
+        r = self.algorithm.step(self.networks[PRIMARY], batch, ctx)
         return r.losses, r.logs, r.pseudo_labels
 
 
@@ -206,20 +207,22 @@ class StepRunner:
         return StepResult(losses, logs, pseudo)
 
 
-def wrap(model: nn.Module, algorithm: Algorithm, info: DistInfo, sync_bn: bool = False) -> StepRunner:
-    """The step runner: plain for one process; DDP over a StepModule for several (construction broadcasts
-    rank 0's parameters and buffers; every forward broadcasts rank 0's buffers again)."""
-    step = StepModule(model, algorithm)
+def wrap(networks: dict[str, nn.Module], algorithm: Algorithm, info: DistInfo, sync_bn: bool = False) -> StepRunner:
+    """The step runner over the trained networks: plain for one process; DDP over a StepModule for several
+    (construction broadcasts rank 0's parameters and buffers; every forward broadcasts rank 0's buffers again)."""
+    step = StepModule(networks, algorithm)
     if not info.enabled:
         return StepRunner(step)
+    first = next(step.parameters())
     if sync_bn:
-        if next(model.parameters()).is_cuda:
-            # PyTorch's CUDA kernels; converts in place since the root is not a BatchNorm
-            step.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(step.backbone)
+        if first.is_cuda:
+            # PyTorch's CUDA kernels; converts in place since no network's root is a BatchNorm
+            for net in step.networks.values():
+                nn.SyncBatchNorm.convert_sync_batchnorm(net)
         else:
             # A group of its own keeps the statistics' all-reduces apart from DDP's gradient buckets.
-            convert_sync_batchnorm(step.backbone, dist.new_group(backend="gloo"))
-    ids = [info.local_rank] if next(model.parameters()).is_cuda else None
+            convert_sync_batchnorm(step.networks, dist.new_group(backend="gloo"))
+    ids = [info.local_rank] if first.is_cuda else None
     ddp = nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=False)
     return StepRunner(ddp)
 

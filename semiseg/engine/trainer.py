@@ -28,6 +28,7 @@ from semiseg.engine.diagnostics import pseudo_label_stats, split_truth
 from semiseg.engine.ema import EMATeacher
 from semiseg.engine.loaders import ZipLoaders, make_loader
 from semiseg.engine.lock import run_lock
+from semiseg.engine.networks import Ensemble, build_networks, resolve_eval
 from semiseg.engine.perf import (
     channels_last_format,
     compile_backbone,
@@ -91,11 +92,19 @@ def check_cases(data, split: str, max_cases: int | None = None) -> None:
             check_label_values(np.asarray(case.label), data.num_classes, f"validation case {case.name}")
 
 
-def build_model(cfg: TrainConfig, data) -> nn.Module:
-    name = cfg.backbone
+def build_model(cfg: TrainConfig, data, required: dict[str, Any] | None = None,
+                backbone: str | None = None, options: dict[str, Any] | None = None) -> nn.Module:
+    """The run's backbone (or ``backbone`` with ``options`` over the run's, for an algorithm's second network),
+    with the options the algorithm needs (``required``: an extra decoder, a multi-scale head)."""
+    name = backbone or cfg.backbone
     if name == "auto":
         name = "vnet" if data.dim == 3 else "unet"
-    opts = dict(cfg.backbone_options)
+    opts = {**cfg.backbone_options, **(options or {})} if backbone is None else dict(options or {})
+    for k, v in (required or {}).items():
+        if k in opts and opts[k] != v:
+            raise ConfigError(f"Algorithm '{cfg.algo}' needs the backbone option {k}={v!r}, but {k}={opts[k]!r} "
+                              f"was given; drop --backbone-opt {k}.")
+        opts[k] = v
     opts.setdefault("in_channels", data.in_channels)
     opts.setdefault("num_classes", data.num_classes)
     if "dim" in registry.accepted_kwargs(registry.BACKBONES.get(name))[0]:
@@ -171,24 +180,24 @@ class Trainer:
         check_cases(self.data, cfg.val_split or self.data.val_split, cfg.val_max_cases)  # not at step 1000
         cfg.validate()
         seed_everything(cfg.seed)
-        self.model = build_model(cfg, self.data).to(self.device)
+        self.algo = build_algorithm(cfg, self.data)  # draws no random numbers: the model's init is unchanged
+        self.model = build_model(cfg, self.data, self.algo.backbone_options).to(self.device)
         warn_slow_cpu_amp(self.device, cfg.amp)
         self.channels_last = use_channels_last(cfg.channels_last, self.data.dim, self.device)
         if self.channels_last:
             self.model = to_channels_last(self.model, self.data.dim)
-        self.algo = build_algorithm(cfg, self.data)
         self.policy = build_policy(cfg, self.data)
         self.stages: list[Stage] = self.algo.stages(cfg.iterations)
         self.total = sum(s.iterations for s in self.stages)
-        self.teacher: EMATeacher | None = None
-        if self.algo.ema is not None:
-            ema = dict(self.algo.ema)
-            if cfg.ema_decay is not None:
-                ema["decay"] = cfg.ema_decay
-            self.teacher = EMATeacher(self.model, **ema)
-        self.step_model = dist_utils.wrap(self.model, self.algo, self.dist, cfg.sync_bn)
+        # every network the algorithm declares (model, its EMA teacher, a second trained network...)
+        self.networks = build_networks(self.algo, self.model, self._backbone_of(None, None), self._build_net,
+                                       ema_decay=cfg.ema_decay)
+        self.teacher: EMATeacher | None = self.networks.emas.get("teacher")  # Mean Teacher's, kept by name
+        self.eval_names = resolve_eval(cfg.eval_net, self.algo.eval_network, list(self.networks.modules))
+        self.step_model = dist_utils.wrap(self.networks.trained(), self.algo, self.dist, cfg.sync_bn)
         if cfg.compile:  # after the EMA deepcopy and the SyncBatchNorm conversion
-            compile_backbone(self.model)
+            for net in self.networks.trained().values():
+                compile_backbone(net)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
         self.iteration = 0
@@ -205,7 +214,7 @@ class Trainer:
         self.meta = {
             "algo": cfg.algo,
             "backbone": cfg.backbone if cfg.backbone != "auto" else ("vnet" if self.data.dim == 3 else "unet"),
-            "backbone_options": dict(cfg.backbone_options),
+            "backbone_options": dict(self._backbone_of(None, None)[1]),
             "num_classes": self.data.num_classes,
             "in_channels": self.data.in_channels,
             "dim": self.data.dim,
@@ -214,12 +223,34 @@ class Trainer:
             "class_names": list(self.data.class_names) if self.data.class_names else None,
             # how images were reoriented, resampled and normalised (NIfTI data): replayed by eval and predict
             "preprocessing": self.data.info.get("preprocessing"),
+            # each network's role and backbone, and which one (or ensemble) is evaluated
+            "networks": self.networks.meta(),
+            "eval_network": "+".join(self.eval_names),
         }
 
     # -- parts ----------------------------------------------------------------------------------------------
+    def _backbone_of(self, backbone: str | None, options: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+        """The resolved backbone name and options of a network (the run's, or a declared other one)."""
+        c = self.cfg
+        name = backbone or (c.backbone if c.backbone != "auto" else ("vnet" if self.data.dim == 3 else "unet"))
+        opts = {**c.backbone_options, **(options or {})} if backbone is None else dict(options or {})
+        opts.update(self.algo.backbone_options)
+        return name, opts
+
+    def _build_net(self, backbone: str | None, options: dict[str, Any] | None) -> tuple[nn.Module, str, dict]:
+        net = build_model(self.cfg, self.data, self.algo.backbone_options, backbone, options).to(self.device)
+        if self.channels_last:
+            net = to_channels_last(net, self.data.dim)
+        return (net, *self._backbone_of(backbone, options))
+
+    def eval_model(self) -> nn.Module:
+        """The network validation evaluates (the algorithm's choice or ``--eval-net``; "a+b": their ensemble)."""
+        nets = [self.networks.modules[n] for n in self.eval_names]
+        return nets[0] if len(nets) == 1 else Ensemble(nets)
+
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.networks.param_groups()  # one group per trained network
         if c.optimizer == "sgd":
             return torch.optim.SGD(params, lr=c.lr or 0.01, momentum=c.momentum, weight_decay=c.weight_decay,
                                    nesterov=c.nesterov)
@@ -275,7 +306,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "teacher": self.teacher.state_dict() if self.teacher else None,
+            "networks": self.networks.state_dict(),
             "algorithm": self.algo.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -309,8 +340,7 @@ class Trainer:
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
-        if self.teacher and ck.get("teacher") is not None:
-            self.teacher.load_state_dict(ck["teacher"])
+        self.networks.load_state_dict(ck.get("networks"), legacy_teacher=ck.get("teacher"))
         self.algo.load_state_dict(ck.get("algorithm") or {})
         torch.set_rng_state(ck["rng"]["torch"])
         if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
@@ -325,8 +355,8 @@ class Trainer:
     def _ctx(self, it: int) -> StepContext:
         stage, sit = self._stage_at(it)
         return StepContext(iteration=it, total_iterations=self.total, stage=stage.name, stage_iteration=sit,
-                           stage_iterations=stage.iterations,
-                           teacher=self.teacher.model if self.teacher else None)
+                           stage_iterations=stage.iterations, teacher=self.networks.modules.get("teacher"),
+                           networks=dict(self.networks.modules))
 
     def lr_at(self, it: int) -> float:
         """The run's schedule over the whole run, or the stage's own schedule restarted at the stage's start."""
@@ -375,11 +405,11 @@ class Trainer:
         c = self.cfg
         lr = self.lr_at(it)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         ctx = self._ctx(it)
         amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         autocast = torch.autocast(self.device.type, dtype=amp_dtype) if c.amp else nullcontext()
-        self.model.train()
+        self.networks.train()
         batch, truth = split_truth(batch)  # the unlabeled images' true labels never reach the algorithm
         dist_utils.seed_step(self.dist, c.seed, it)  # distributed: per-rank dropout/perturbation masks
         with autocast:
@@ -396,17 +426,18 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if c.clip_grad:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
+            nn.utils.clip_grad_norm_([p for m in self.networks.trained().values() for p in m.parameters()],
+                                     c.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.teacher is not None:
-            self.teacher.update(self.model, it)
+        self.networks.update_emas(self.algo, it)
         self.algo.on_step_end(self.model, ctx)
         diag = pseudo_label_stats(result.pseudo_labels, truth, self.data.num_classes)
         return {"loss": float(loss.detach()), "lr": lr, **terms, **result.logs, **diag}
 
     def validate(self) -> dict[str, Any]:
-        return validate(self.model, self.data, self.val_split, self.device, max_cases=self.cfg.val_max_cases)
+        return validate(self.eval_model(), self.data, self.val_split, self.device,
+                        max_cases=self.cfg.val_max_cases)
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         try:

@@ -19,18 +19,32 @@ from semiseg.evaluation.protocol import foreground_names, predictor
 from semiseg.evaluation.report import evaluate_cases, save_prediction
 
 
-def load_model(ckpt: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    """Rebuild the backbone a checkpoint was trained with and load its weights (eval mode)."""
-    meta = ckpt["meta"]
-    opts = dict(meta.get("backbone_options") or {})
+def _build(meta: dict[str, Any], backbone: str, options: dict[str, Any]) -> torch.nn.Module:
+    opts = dict(options or {})
     opts.pop("weights", None)  # the trained weights replace any pre-trained encoder file
     opts.setdefault("in_channels", meta["in_channels"])
     opts.setdefault("num_classes", meta["num_classes"])
-    if "dim" in registry.accepted_kwargs(registry.BACKBONES.get(meta["backbone"]))[0]:
+    if "dim" in registry.accepted_kwargs(registry.BACKBONES.get(backbone))[0]:
         opts.setdefault("dim", int(meta.get("dim", 2)))  # dimension-generic backbones (monai)
-    model = registry.create_backbone(meta["backbone"], **opts)
-    model.load_state_dict(ckpt["model"])
-    model = model.to(device).eval()
+    return registry.create_backbone(backbone, **opts)
+
+
+def load_model(ckpt: dict[str, Any], device: torch.device, network: str | None = None) -> torch.nn.Module:
+    """Rebuild the network a checkpoint evaluates (``network``: a name, ``a+b`` for the ensemble of several; default
+    the one the run validated) and load its weights (eval mode)."""
+    from semiseg.engine.networks import Ensemble, resolve_eval
+
+    meta = ckpt["meta"]
+    nets = meta.get("networks") or {"model": {"backbone": meta["backbone"],
+                                              "backbone_options": meta.get("backbone_options") or {}}}
+    names = resolve_eval(network, meta.get("eval_network") or "model", list(nets))
+    members = []
+    for name in names:
+        spec = nets[name]
+        model = _build(meta, spec["backbone"], spec.get("backbone_options") or {})
+        model.load_state_dict(ckpt["model"] if name == "model" else ckpt["networks"][name])
+        members.append(model)
+    model = (members[0] if len(members) == 1 else Ensemble(members)).to(device).eval()
     dim = int(meta.get("dim", 2))
     return to_channels_last(model, dim) if use_channels_last(None, dim, device) else model  # as in training
 
@@ -38,7 +52,8 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> torch.nn.Module:
 def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = None, out: str | Path | None = None,
                  which: str = "last", device: str = "auto", save_pred: str | None = "nifti", empty: str = "nan",
                  spacing: str = "voxel", max_cases: int | None = None, stride: tuple[int, ...] | None = None,
-                 montage: int = 4, tta: bool = False, inferer: str = "semiseg") -> dict[str, Any]:
+                 montage: int = 4, tta: bool = False, inferer: str = "semiseg",
+                 network: str | None = None) -> dict[str, Any]:
     """Evaluate a run directory or checkpoint on ``split`` with the test protocol; write the report.
 
     ``which`` is ``last`` or ``best`` (of a run directory) or a checkpoint file. A model trained on data with a
@@ -63,7 +78,7 @@ def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = 
         raise ConfigError(f"Dataset '{data.name}' has {data.num_classes} classes but checkpoint '{ck_path}' was "
                           f"trained for {ck['meta']['num_classes']}; evaluate on the data it was trained on.")
     dev = pick_device(device)
-    model = load_model(ck, dev)
+    model = load_model(ck, dev, network)
     cases = data.cases(split)
     if max_cases:
         cases = cases[:max_cases]
@@ -81,7 +96,8 @@ def evaluate_run(path: str | Path, split: str = "test", data_root: str | None = 
     about = {"split": split, "checkpoint_rule": which if Path(path).is_dir() else "file",
              "checkpoint": str(ck_path), "iteration": ck["iteration"],
              "stride": list(stride) if stride is not None else None, "metric_definitions": METRIC_DEFINITIONS,
-             "tta": "flip" if tta else None, "inferer": inferer}
+             "tta": "flip" if tta else None, "inferer": inferer,
+             "network": network or ck["meta"].get("eval_network") or "model"}
     summary = evaluate_cases(predict, cases, data.num_classes, spacing_mode=spacing, empty=empty, out_dir=out_dir,
                              save_pred=save_pred, montage=montage, class_names=foreground_names(data), about=about)
     summary["out_dir"] = str(out_dir)

@@ -88,7 +88,8 @@ def test_list_shows_every_table():
         return out.split(section, 1)[1].split(next_section, 1)[0]
 
     algos = names_in("algorithms", "backbones")
-    for name in ("supervised", "fixmatch", "unimatch", "crossmatch", "meanteacher", "uamt", "bcp", "em", "ict"):
+    for name in ("supervised", "fixmatch", "unimatch", "crossmatch", "meanteacher", "uamt", "bcp", "em", "ict",
+                 "cps", "cct", "urpc"):
         assert f"│ {name} " in algos
     backbones = names_in("backbones", "datasets")
     for name in ("unet", "vnet", "unet3d", "smp"):

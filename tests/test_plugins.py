@@ -2,7 +2,7 @@
 through its entry point and loaded as a bare file with ``--plugin``, and the errors a broken plugin gives.
 
 Everything that loads the example plugin runs ``semiseg`` in a subprocess, so the registries of the test
-process never see ``cps`` or ``gauss`` and other tests are unaffected.
+process never see ``mutual`` or ``gauss`` and other tests are unaffected.
 """
 
 from __future__ import annotations
@@ -66,11 +66,15 @@ def check_trained(run: Path, proc: subprocess.CompletedProcess) -> None:
     assert summary["iteration"] == 4 and summary["last"] is not None
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     last_step = [r for r in logged if "loss" in r][-1]
-    # both cross-supervision edges ran and were finite
-    assert {"sup", "cps_a_to_b", "cps_b_to_a"} <= set(last_step)
-    assert all(torch.isfinite(torch.tensor(last_step[k])) for k in ("cps_a_to_b", "cps_b_to_a"))
+    # both networks' edges ran and were finite
+    assert {"sup_a", "sup_b", "kl_a_to_b", "kl_b_to_a"} <= set(last_step)
+    assert all(torch.isfinite(torch.tensor(last_step[k])) for k in ("kl_a_to_b", "kl_b_to_a"))
     ck = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    assert ck["meta"]["algo"] == "cps" and ck["iteration"] == 4
+    assert ck["meta"]["algo"] == "mutual" and ck["iteration"] == 4
+    # the plugin's second network is trained, saved and evaluated by the unchanged engine
+    assert set(ck["networks"]) == {"partner"} and ck["meta"]["eval_network"] == "model+partner"
+    assert not all(torch.equal(ck["model"][k], ck["networks"]["partner"][k]) for k in ck["model"])
+    assert [g["network"] for g in ck["optimizer"]["param_groups"]] == ["model", "partner"]
 
 
 # --------------------------------------------------------------------------- installed through the entry point
@@ -95,12 +99,12 @@ def example_installed():
 def test_installed_plugin_lists_and_trains(example_installed, tmp_path):
     listing = semiseg("list")
     assert listing.returncode == 0, listing.stderr
-    (cps,), (gauss,) = rows(listing.stdout, "cps"), rows(listing.stdout, "gauss")
-    assert f"plugin:{DIST}" in cps and "Cross Pseudo Supervision" in cps
+    (mutual,), (gauss,) = rows(listing.stdout, "mutual"), rows(listing.stdout, "gauss")
+    assert f"plugin:{DIST}" in mutual and "Deep mutual learning" in mutual
     assert f"plugin:{DIST}" in gauss and "per-channel std" in gauss
     assert "semiseg_plugin_example.plugin" in listing.stdout.splitlines()[-1]  # "plugins loaded: ..."
     run = tmp_path / "run"
-    check_trained(run, semiseg("train", "--algo", "cps", *TINY, "--out", str(run)))
+    check_trained(run, semiseg("train", "--algo", "mutual", *TINY, "--out", str(run)))
 
 
 # --------------------------------------------------------------------------- the same file through --plugin
@@ -111,11 +115,20 @@ def test_plugin_file_lists_and_trains(tmp_path):
         pytest.skip(f"{DIST} is installed: --plugin would register its names a second time")
     listing = semiseg("--plugin", str(PLUGIN_FILE), "list")
     assert listing.returncode == 0, listing.stderr
-    (cps,), (gauss,) = rows(listing.stdout, "cps"), rows(listing.stdout, "gauss")
-    assert "plugin:plugin.py" in cps and "plugin:plugin.py" in gauss
+    (mutual,), (gauss,) = rows(listing.stdout, "mutual"), rows(listing.stdout, "gauss")
+    assert "plugin:plugin.py" in mutual and "plugin:plugin.py" in gauss
     run = tmp_path / "run"
-    proc = semiseg("train", "--plugin", str(PLUGIN_FILE), "--algo", "cps", *TINY, "--out", str(run))
+    proc = semiseg("train", "--plugin", str(PLUGIN_FILE), "--algo", "mutual", *TINY, "--out", str(run))
     check_trained(run, proc)
+    # evaluated from the CLI: the ensemble by default, one network on request, an unknown one refused
+    for extra, network in (((), "model+partner"), (("--eval-net", "partner"), "partner")):
+        ev = semiseg("--plugin", str(PLUGIN_FILE), "eval", str(run), "--split", "val", "--save-pred", "none",
+                     *extra)
+        assert ev.returncode == 0, ev.stderr
+        report = sorted((run / "eval").glob("val-last*/summary.json"))[-1]
+        assert json.loads(report.read_text())["network"] == network
+    ev = semiseg("--plugin", str(PLUGIN_FILE), "eval", str(run), "--split", "val", "--eval-net", "teacher")
+    assert ev.returncode == 2 and "names no network of this algorithm" in ev.stderr
     assert str(PLUGIN_FILE) in (run / "config.yaml").read_text()  # the run records what it needs to rerun
 
 
@@ -157,18 +170,20 @@ def test_gauss_is_noise_scaled_by_the_channel_std(plugin_module):
         gauss(-0.1)
 
 
-def test_cps_graph(plugin_module):
-    algo = plugin_module.CrossPseudoSupervision(perturb_b="noise:0.1")  # 'gauss' is not registered here
+def test_mutual_graph(plugin_module):
+    algo = plugin_module.MutualLearning(partner_perturb="noise:0.1", partner_width=0.5)  # 'gauss' unregistered
     assert algo.needs == ("labeled", "unlabeled")
-    assert [(s.name, s.view, s.perturb, s.group) for s in algo.streams] == [
-        ("P_x", "x", "none", "main"), ("P_a", "u_w", "drop:0.5", "main"), ("P_b", "u_w", "noise:0.1", "main")]
+    assert [(s.name, s.view, s.perturb, s.group, s.network) for s in algo.streams] == [
+        ("A_x", "x", "none", "a", "model"), ("A_u", "u_w", "none", "a", "model"),
+        ("B_x", "x", "none", "b", "partner"), ("B_u", "u_w", "noise:0.1", "b", "partner")]
     assert [(e.student, e.teacher, e.loss, e.weight) for e in algo.edges] == [
-        ("P_x", "y", "sup", 1.0), ("P_a", "P_b", "ce", 1.5), ("P_b", "P_a", "ce", 1.5)]
-    assert "separately" in plugin_module.CrossPseudoSupervision.__doc__  # honest about the variant
-    with pytest.raises(SemisegError, match="cps_weight"):
-        plugin_module.CrossPseudoSupervision(cps_weight=-1, perturb_b="noise:0.1")
-    with pytest.raises(SemisegError, match="two feature perturbations"):
-        plugin_module.CrossPseudoSupervision(perturb_b="none")
+        ("A_x", "y", "sup", 1.0), ("B_x", "y", "sup", 1.0), ("A_u", "B_u", "kl", 1.0), ("B_u", "A_u", "kl", 1.0)]
+    nets = algo.networks()
+    assert list(nets) == ["model", "partner"] and nets["partner"].backbone_options == {"width": 0.5}
+    with pytest.raises(SemisegError, match="kl_weight"):
+        plugin_module.MutualLearning(kl_weight=-1, partner_perturb="noise:0.1")
+    with pytest.raises(SemisegError, match="partner_width"):
+        plugin_module.MutualLearning(partner_width=0, partner_perturb="noise:0.1")
 
 
 # --------------------------------------------------------------------------- errors (in-process: nothing loads)
@@ -199,7 +214,7 @@ def test_missing_plugin_file_or_module(invoke, tmp_path):
     missing = tmp_path / "nowhere" / "plugin.py"
     line = one_error_line(invoke("--plugin", str(missing), "list"))
     assert f"Plugin file '{missing}' does not exist" in line
-    line = one_error_line(invoke("train", "--plugin", str(missing), "--algo", "cps"))
+    line = one_error_line(invoke("train", "--plugin", str(missing), "--algo", "mutual"))
     assert "does not exist" in line
     line = one_error_line(invoke("--plugin", "semiseg_no_such_plugin_module", "list"))
     assert "Plugin module 'semiseg_no_such_plugin_module' cannot be imported" in line

@@ -111,8 +111,9 @@ def test_duplicate_registration_is_an_error():
 
 
 def test_global_tables_hold_the_builtins():
-    assert {"supervised", "fixmatch", "unimatch", "crossmatch", "meanteacher", "uamt", "bcp", "em", "ict"} <= set(
-        registry.ALGORITHMS.names())
+    builtins = {"supervised", "fixmatch", "unimatch", "crossmatch", "meanteacher", "uamt", "bcp", "em", "ict", "cps",
+                "cct", "urpc"}
+    assert builtins <= set(registry.ALGORITHMS.names())
     assert {"unet", "vnet", "unet3d", "smp"} <= set(registry.list_models())
     assert {"synthetic", "acdc", "la", "nifti", "folder2d"} <= set(registry.DATASETS.names())
     with pytest.raises(ConfigError, match="Unknown backbone 'vnett'. Did you mean 'vnet'"):

@@ -2,6 +2,8 @@
 
 from semiseg.algorithms import (  # noqa: F401
     bcp,
+    cct,
+    cps,
     crossmatch,
     em,
     fixmatch,
@@ -11,6 +13,7 @@ from semiseg.algorithms import (  # noqa: F401
     supervised,
     uamt,
     unimatch,
+    urpc,
 )
 from semiseg.algorithms.base import Algorithm, PseudoLabel, Recipe, Stage, StepContext, StepResult
 from semiseg.algorithms.graph import Edge, GraphAlgorithm, MixView, Stream

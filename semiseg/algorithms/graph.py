@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import Algorithm, PseudoLabel, StepContext, StepResult
+from semiseg.algorithms.base import PRIMARY, Algorithm, PseudoLabel, StepContext, StepResult
 from semiseg.algorithms.losses import ce_loss, dice_loss, kl_loss, masked_mse, supervised_loss
 from semiseg.algorithms.perturbations import parse_perturbation
 from semiseg.augment.mixing import cutmix, cutmix_target
 from semiseg.errors import ConfigError
 
 Threshold = float | Callable[[StepContext], float] | None
+Weight = float | Callable[[StepContext], float]
 LOSSES = ("sup", "dice", "ce", "mse", "kl")
 
 
@@ -52,11 +53,14 @@ class Stream:
     # Official codes that decode feature-perturbed batches with dropout switched off (CrossMatch LA's
     # ``no_drop=True``) declare False; backbones without decoder dropout ignore it.
     decoder_dropout: bool = True
+    # The network the stream runs on (one of the algorithm's ``networks()``; CPS streams run on two).
+    network: str = PRIMARY
 
 
 @dataclass(frozen=True)
 class Edge:
-    """``teacher`` supervises ``student``. ``teacher='y'`` is the ground truth.
+    """``teacher`` supervises ``student``. ``teacher='y'`` is the ground truth. ``weight`` is a float or a
+    function of the step (a ramp).
 
     loss: ``sup`` (CE+Dice)/2 on ground truth; ``dice`` Dice_ign on hard pseudo-labels; ``ce`` masked CE on
     hard pseudo-labels; ``mse`` on probabilities; ``kl`` KL(teacher || student). ``threshold`` masks target pixels
@@ -66,7 +70,7 @@ class Edge:
 
     student: str
     teacher: str
-    weight: float
+    weight: Weight
     loss: str = "dice"
     threshold: Threshold = None
     box: str | None = None
@@ -108,13 +112,25 @@ class GraphAlgorithm(Algorithm):
                 raise ConfigError(f"Algorithm '{self.name}': edge {e.key} has loss '{e.loss}'; use one of {LOSSES}.")
             if (e.box is None) != (e.mix_teacher is None):
                 raise ConfigError(f"Algorithm '{self.name}': edge {e.key} needs both box and mix_teacher or neither.")
+        for group, streams in self.plan().items():
+            if len({s.network for s in streams}) > 1:
+                raise ConfigError(f"Algorithm '{self.name}': group '{group}' mixes networks; one encoder pass runs "
+                                  f"on one network, so give each network's streams their own group.")
 
     # -- planning and execution -----------------------------------------------------------------------------
     def plan(self) -> dict[str, list[Stream]]:
         groups: dict[str, list[Stream]] = {}
         for s in self.streams:
-            groups.setdefault(s.group or s.view, []).append(s)
+            groups.setdefault(s.group or (s.view if s.network == PRIMARY else f"{s.network}:{s.view}"), []).append(s)
         return groups
+
+    def _network(self, model: nn.Module, name: str, ctx: StepContext) -> nn.Module:
+        if name == PRIMARY:
+            return model
+        if name not in ctx.networks:
+            raise ConfigError(f"Algorithm '{self.name}' has streams on network '{name}', which its networks() does "
+                              f"not declare ({', '.join(ctx.networks) or PRIMARY}).")
+        return ctx.networks[name]
 
     def build_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         views = dict(batch)
@@ -128,8 +144,10 @@ class GraphAlgorithm(Algorithm):
         views = self.build_views(batch)
         out: dict[str, torch.Tensor] = {}
         plan = {"encoder_calls": 0, "decoder_calls": 0, "encoder_images": 0, "decoder_images": 0}
-        was_training = model.training
+        primary = model
         for streams in self.plan().values():
+            model = self._network(primary, streams[0].network, ctx)
+            was_training = model.training
             grad = any(s.grad for s in streams)
             # groups marked train_mode=False run in eval mode; others keep the mode the engine set
             model.train(was_training and all(s.train_mode for s in streams))
@@ -139,6 +157,7 @@ class GraphAlgorithm(Algorithm):
                 out.update(self._run_plain(model, streams, views, order, grad))
                 plan["encoder_calls"] += 1
                 plan["encoder_images"] += sum(sizes)
+                model.train(was_training)
                 continue
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 feats = model.encode(torch.cat([views[v] for v in order]))
@@ -158,7 +177,7 @@ class GraphAlgorithm(Algorithm):
             dec_sizes = [views[s.view].shape[0] for s in streams]
             for s, lg in zip(streams, logits.split(dec_sizes)):
                 out[s.name] = lg if s.grad else lg.detach()
-        model.train(was_training)
+            model.train(was_training)
         self.last_plan = plan
         return out
 
@@ -236,7 +255,7 @@ class GraphAlgorithm(Algorithm):
                     raw = masked_mse(student.float().softmax(1), t.probs, mask)
                 else:
                     raw = kl_loss(student, t.probs, ignore)
-            losses[e.key] = e.weight * raw
+            losses[e.key] = (e.weight(ctx) if callable(e.weight) else e.weight) * raw
             logs[f"loss/{e.key}"] = float(raw.detach())
         return StepResult(losses, logs, pseudo)
 
@@ -274,4 +293,5 @@ class GraphAlgorithm(Algorithm):
         return {
             "streams": [s.__dict__ for s in self.streams],
             "edges": [{k: v for k, v in e.__dict__.items() if not callable(v)} for e in self.edges],
+            "networks": sorted({s.network for s in self.streams}),
         }

@@ -1,4 +1,5 @@
-"""An example semiseg plugin: one feature perturbation (``gauss``) and one algorithm (``cps``).
+"""An example semiseg plugin: one feature perturbation (``gauss``) and one algorithm with two networks
+(``mutual``).
 
 Nothing in semiseg is edited: importing this module runs two registry decorators, and that is all a plugin is.
 semiseg imports it in either of two ways, and the file is written to work under both:
@@ -17,6 +18,7 @@ import math
 
 import torch
 
+from semiseg.algorithms.base import Network
 from semiseg.algorithms.graph import Edge, GraphAlgorithm, Stream
 from semiseg.algorithms.perturbations import parse_perturbation
 from semiseg.errors import ConfigError
@@ -52,58 +54,58 @@ def std_scaled_gaussian_noise(rate: float):
     return fn
 
 
-# --------------------------------------------------------------------------- an algorithm
+# --------------------------------------------------------------------------- an algorithm with two networks
 
-@register_algorithm("cps")
-class CrossPseudoSupervision(GraphAlgorithm):
-    """Cross Pseudo Supervision (Chen et al., CVPR 2021), one-network two-perturbation variant.
+@register_algorithm("mutual")
+class MutualLearning(GraphAlgorithm):
+    """Deep mutual learning (Zhang et al., CVPR 2018) for semi-supervised segmentation: two networks teach
+    each other.
 
-    Original CPS trains two networks of the same architecture, initialised separately, on the same batch. The
-    hard pseudo-label (argmax) of each network supervises the other with cross-entropy:
+    Two separately initialised networks, ``model`` and ``partner`` (the partner may be thinner or wider:
+    ``partner_width``), each learn from the labels and from the other's softened prediction:
 
-        L = L_sup(A) + L_sup(B) + lambda * (CE(P_A, argmax P_B) + CE(P_B, argmax P_A)),   lambda = 1.5
+        L = L_sup(A(x), y) + L_sup(B(x), y) + w * [KL(p_B(u) || p_A(u)) + KL(p_A(u) || p_B(u))]
 
-    This is NOT that method exactly. semiseg trains one backbone, so here the two "networks" are two streams
-    of the same backbone on the same weakly augmented unlabeled view ``u_w``. They differ only in the feature
-    perturbation between encoder and decoder (channel dropout ``drop:0.5`` and the std-scaled Gaussian noise
-    ``gauss:0.3`` above). The two members are therefore far more alike than two separately initialised
-    networks, and only the clean labeled stream gets the supervised loss, (CE + Dice) / 2.
+    where the partner sees the unlabeled images through a feature perturbation (``gauss:0.3`` above), so the
+    two views of each image differ in more than the weights. Each network's pair of streams runs in one
+    encoder pass on that network; targets are detached, so each network learns only as a student.
+    Validation evaluates the ensemble (the average of both softmaxes): ``--eval-net model`` or ``partner``
+    evaluates one. Options (``--opt key=value``): ``kl_weight`` (1.0), ``partner_perturb`` ("gauss:0.3"),
+    ``partner_width`` (None: the run's width).
 
-    Streams: ``P_x`` (labeled, clean), ``P_a`` (u_w, perturbation A), ``P_b`` (u_w, perturbation B), all three
-    in one encoder pass and one decoder pass. Edges: y -> P_x (``sup``), P_b -> P_a and P_a -> P_b (hard-label
-    CE, weight ``cps_weight`` each, no confidence threshold unless ``threshold`` is given). Targets are
-    detached, so each stream learns only as a student. Options (``--opt key=value``): ``cps_weight`` (1.5),
-    ``perturb_a`` ("drop:0.5"), ``perturb_b`` ("gauss:0.3"), ``threshold`` (None), ``sup_weight`` (1.0).
+    The two networks are declared in ``networks()``; the engine builds, optimises, checkpoints, resumes and
+    evaluates both, with no change to semiseg.
     """
 
-    name = "cps"
-    paper = "CPS (Chen et al.), one-network variant"
-    year = 2021
+    name = "mutual"
+    paper = "Deep mutual learning (Zhang et al.), semi-supervised"
+    year = 2018
     needs = ("labeled", "unlabeled")
+    eval_network = "model+partner"
 
-    def __init__(self, cps_weight: float = 1.5, perturb_a: str = "drop:0.5", perturb_b: str = "gauss:0.3",
-                 threshold: float | None = None, sup_weight: float = 1.0) -> None:
+    def __init__(self, kl_weight: float = 1.0, partner_perturb: str = "gauss:0.3",
+                 partner_width: float | None = None) -> None:
         super().__init__()
-        for key, value in (("cps_weight", cps_weight), ("sup_weight", sup_weight)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"CPS option {key}={value!r} must be a non-negative number (CPS uses "
-                                  f"cps_weight=1.5).")
-        if threshold is not None and not 0.0 <= float(threshold) < 1.0:
-            raise ConfigError(f"CPS option threshold={threshold!r} must lie in [0, 1) or be left unset.")
-        for spec in (perturb_a, perturb_b):
-            if parse_perturbation(spec) is None:  # also fails early on an unknown kind or a bad rate
-                raise ConfigError(f"CPS needs two feature perturbations; '{spec}' is none. Use e.g. "
-                                  f"--opt perturb_a=drop:0.5 --opt perturb_b=gauss:0.3.")
-        self.cps_weight = float(cps_weight)
-        self.views = []
+        if not isinstance(kl_weight, (int, float)) or not math.isfinite(kl_weight) or kl_weight < 0:
+            raise ConfigError(f"mutual option kl_weight={kl_weight!r} must be a non-negative number.")
+        if partner_width is not None and not (isinstance(partner_width, (int, float)) and partner_width > 0):
+            raise ConfigError(f"mutual option partner_width={partner_width!r} must be a positive number.")
+        parse_perturbation(partner_perturb)  # fails early on an unknown kind or a bad rate
+        self.partner_width = partner_width
         self.streams = [
-            Stream("P_x", view="x", group="main"),
-            Stream("P_a", view="u_w", perturb=perturb_a, group="main"),
-            Stream("P_b", view="u_w", perturb=perturb_b, group="main"),
+            Stream("A_x", view="x", group="a"),
+            Stream("A_u", view="u_w", group="a"),
+            Stream("B_x", view="x", group="b", network="partner"),
+            Stream("B_u", view="u_w", perturb=partner_perturb, group="b", network="partner"),
         ]
         self.edges = [
-            Edge("P_x", teacher="y", loss="sup", weight=float(sup_weight), name="sup"),
-            Edge("P_a", teacher="P_b", loss="ce", weight=self.cps_weight, threshold=threshold, name="cps_b_to_a"),
-            Edge("P_b", teacher="P_a", loss="ce", weight=self.cps_weight, threshold=threshold, name="cps_a_to_b"),
+            Edge("A_x", teacher="y", loss="sup", weight=1.0, name="sup_a"),
+            Edge("B_x", teacher="y", loss="sup", weight=1.0, name="sup_b"),
+            Edge("A_u", teacher="B_u", loss="kl", weight=float(kl_weight), name="kl_b_to_a"),
+            Edge("B_u", teacher="A_u", loss="kl", weight=float(kl_weight), name="kl_a_to_b"),
         ]
         self.check_graph()
+
+    def networks(self) -> dict[str, Network]:
+        partner = {"width": float(self.partner_width)} if self.partner_width is not None else None
+        return {"model": Network(), "partner": Network(backbone_options=partner)}

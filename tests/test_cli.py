@@ -89,7 +89,7 @@ def test_list_shows_every_table():
 
     algos = names_in("algorithms", "backbones")
     for name in ("supervised", "fixmatch", "unimatch", "crossmatch", "meanteacher", "uamt", "bcp", "em", "ict",
-                 "cps", "cct", "urpc"):
+                 "cps", "cct", "urpc", "abd", "admt"):
         assert f"│ {name} " in algos
     backbones = names_in("backbones", "datasets")
     for name in ("unet", "vnet", "unet3d", "smp"):

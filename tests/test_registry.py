@@ -112,7 +112,7 @@ def test_duplicate_registration_is_an_error():
 
 def test_global_tables_hold_the_builtins():
     builtins = {"supervised", "fixmatch", "unimatch", "crossmatch", "meanteacher", "uamt", "bcp", "em", "ict", "cps",
-                "cct", "urpc"}
+                "cct", "urpc", "abd", "admt"}
     assert builtins <= set(registry.ALGORITHMS.names())
     assert {"unet", "vnet", "unet3d", "smp"} <= set(registry.list_models())
     assert {"synthetic", "acdc", "la", "nifti", "folder2d"} <= set(registry.DATASETS.names())

@@ -1,6 +1,8 @@
 """Algorithms: importing this package registers the built-in ones."""
 
 from semiseg.algorithms import (  # noqa: F401
+    abd,
+    admt,
     bcp,
     cct,
     cps,

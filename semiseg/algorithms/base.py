@@ -64,10 +64,11 @@ class Network:
     """A network an algorithm owns (``Algorithm.networks()``; docs/design.md, "Several networks").
 
     ``role``: ``"trained"`` (optimised, in a parameter group of its own at ``lr_scale`` x the run's learning rate;
-    built from the run's backbone, or from ``backbone`` with ``backbone_options`` over the run's options; ``init``
-    re-initialises it: ``"kaiming"`` or ``"xavier"`` normal convolutions, BatchNorm 1 and 0), ``"ema"`` (an
-    exponential moving average of the network ``of``: ``decay``, ``warmup``, ``buffers`` as ``EMATeacher``), or
-    ``"frozen"`` (a copy of ``of`` taken before training, never updated).
+    built from the run's backbone, or from ``backbone`` with ``backbone_options`` over the run's options), ``"ema"``
+    (an exponential moving average of the network ``of``: ``decay``, ``warmup``, ``buffers`` as ``EMATeacher``), or
+    ``"frozen"`` (never updated). ``init``: ``"kaiming"`` or ``"xavier"`` re-initialise the network (normal
+    convolutions, BatchNorm 1 and 0); ``"fresh"`` builds an ``ema``/``frozen`` network anew, with its own random
+    initialisation, instead of copying ``of`` (AD-MT's teachers); None keeps the built or copied weights.
     """
 
     role: str = "trained"
@@ -153,8 +154,10 @@ class Algorithm(ABC):
             nets["teacher"] = Network("ema", of=PRIMARY, **self.ema)
         return nets
 
-    def update_ema(self, name: str, iteration: int) -> bool:
-        """Whether the EMA network ``name`` follows its source after this step (AD-MT alternates two)."""
+    def update_ema(self, name: str, iteration: int) -> bool | float:
+        """Whether the EMA network ``name`` follows its source after this step: True (with the network's own
+        decay rule), False (not this step: AD-MT alternates two teachers), or a float, the weight ``a`` of the
+        teacher in ``a * teacher + (1 - a) * source`` for this step (an algorithm's own EMA rule)."""
         return True
 
     def stages(self, iterations: int) -> list[Stage]:

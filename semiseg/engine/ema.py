@@ -21,9 +21,10 @@ class EMATeacher:
         self.decay, self.warmup, self.buffers = decay, warmup, buffers
 
     @torch.no_grad()
-    def update(self, student: nn.Module, iteration: int) -> float:
-        """teacher = a * teacher + (1 - a) * student, on parameters (and float buffers if ``buffers``)."""
-        a = ema_decay(iteration, self.decay, self.warmup)
+    def update(self, student: nn.Module, iteration: int, alpha: float | None = None) -> float:
+        """teacher = a * teacher + (1 - a) * student, on parameters (and float buffers if ``buffers``); ``a`` is
+        ``alpha`` where the algorithm gives its own rule (AD-MT), else :func:`ema_decay`."""
+        a = ema_decay(iteration, self.decay, self.warmup) if alpha is None else float(alpha)
         for t, s in zip(self.model.parameters(), student.parameters()):
             t.mul_(a).add_(s.detach(), alpha=1 - a)
         if self.buffers:

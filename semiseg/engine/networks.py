@@ -22,7 +22,7 @@ from semiseg.engine.ema import EMATeacher
 from semiseg.errors import CheckpointError, ConfigError
 
 ROLES = ("trained", "ema", "frozen")
-INITS = ("kaiming", "xavier")
+INITS = ("kaiming", "xavier", "fresh")
 
 
 def check_specs(specs: dict[str, Network], algo: str) -> None:
@@ -38,6 +38,9 @@ def check_specs(specs: dict[str, Network], algo: str) -> None:
                               f"not a network declared before it ({', '.join(seen)}).")
         if spec.init is not None and spec.init not in INITS:
             raise ConfigError(f"Algorithm '{algo}': network '{name}' has init '{spec.init}'; use one of {INITS}.")
+        if spec.init == "fresh" and spec.role == "trained":
+            raise ConfigError(f"Algorithm '{algo}': network '{name}' is trained, so it is built fresh anyway; "
+                              f"init='fresh' is for ema and frozen networks.")
         if "+" in name or not name:
             raise ConfigError(f"Algorithm '{algo}': network name '{name}' may not be empty or contain '+'.")
         seen.append(name)
@@ -93,8 +96,11 @@ class Networks:
 
     def update_emas(self, algo: Algorithm, iteration: int) -> None:
         for name, ema in self.emas.items():
-            if algo.update_ema(name, iteration):
-                ema.update(self.modules[self.specs[name].of], iteration)
+            rule = algo.update_ema(name, iteration)
+            if rule is False:
+                continue
+            # True: the network's own decay rule; a float: the algorithm's weight of the teacher for this step
+            ema.update(self.modules[self.specs[name].of], iteration, None if rule is True else float(rule))
 
     def train(self) -> None:
         for m in self.trained().values():
@@ -141,16 +147,20 @@ def build_networks(algo: Algorithm, primary: nn.Module, primary_backbone: tuple[
             else:
                 net, b, o = build(spec.backbone, spec.backbone_options)
                 backbone = (b, o)
-            if spec.init is not None:
-                initialise(net, spec.init)
-        elif spec.role == "ema":
-            ema = EMATeacher(modules[spec.of], decay=ema_decay if ema_decay is not None else spec.decay,
-                             warmup=spec.warmup, buffers=spec.buffers)
-            emas[name], net, backbone = ema, ema.model, backbones[spec.of]
         else:
-            net, backbone = copy.deepcopy(modules[spec.of]), backbones[spec.of]
-            for p in net.parameters():
-                p.requires_grad_(False)
+            backbone = backbones[spec.of]
+            # "fresh": built again from the source's backbone (its own random initialisation), else a copy
+            source = build(*backbone)[0] if spec.init == "fresh" else modules[spec.of]
+            if spec.role == "ema":
+                ema = EMATeacher(source, decay=ema_decay if ema_decay is not None else spec.decay,
+                                 warmup=spec.warmup, buffers=spec.buffers)
+                emas[name], net = ema, ema.model
+            else:
+                net = copy.deepcopy(source)
+                for p in net.parameters():
+                    p.requires_grad_(False)
+        if spec.init in ("kaiming", "xavier"):
+            initialise(net, spec.init)
         modules[name], backbones[name] = net, backbone
     return Networks(specs, modules, emas, backbones)
 

@@ -190,6 +190,16 @@ def test_recipe_preset_gives_each_algorithm_its_official_length(shared_data):
     assert {s.algo: s.iterations for s in specs} == {"crossmatch": 30900, "supervised": 1500, "bcp": 40000}
 
 
+def test_an_all_grid_with_official_recipes_leaves_out_algorithms_without_official_code(shared_data, capsys):
+    """la-paper expands 'all': ABD has no official 3D code, so it is left out with a note; named, it refuses."""
+    specs = runner.plan(get_preset("la-paper"), seeds=[0], labeled=[8], data_root=str(shared_data / "la-half"))
+    algos = {s.algo for s in specs}
+    assert "abd" not in algos and {"crossmatch", "bcp", "cps"} <= algos
+    assert "'abd' has no official 3D recipe" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no official 3D recipe"):
+        runner.plan(get_preset("la-paper"), ["abd"], [0], [8], data_root=str(shared_data / "la-half"))
+
+
 def test_preset_rejects_per_run_and_unknown_keys():
     with pytest.raises(ConfigError, match="algo"):
         parse_preset({**TINY, "algo": "fixmatch"}, "x", "p")

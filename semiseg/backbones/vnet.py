@@ -67,20 +67,26 @@ def up(in_ch: int, out_ch: int) -> _Block:
                    nn.ReLU(inplace=True)])
 
 
+def add_decoder(m: nn.Module, c: list[int], num_classes: int) -> None:
+    """The V-Net decoder's modules under the reference names, in the reference order (so the initial weights
+    drawn for them do not change): the main decoder, and each auxiliary one."""
+    m.block_five_up = up(c[4], c[3])
+    m.block_six = conv_stage(3, c[3], c[3])
+    m.block_six_up = up(c[3], c[2])
+    m.block_seven = conv_stage(3, c[2], c[2])
+    m.block_seven_up = up(c[2], c[1])
+    m.block_eight = conv_stage(2, c[1], c[1])
+    m.block_eight_up = up(c[1], c[0])
+    m.block_nine = conv_stage(1, c[0], c[0])
+    m.out_conv = nn.Conv3d(c[0], num_classes, 1)
+
+
 class _DecoderStages(nn.Module):
     """An auxiliary V-Net decoder: the main decoder's modules under the same names."""
 
     def __init__(self, c: list[int], num_classes: int) -> None:
         super().__init__()
-        self.block_five_up = up(c[4], c[3])
-        self.block_six = conv_stage(3, c[3], c[3])
-        self.block_six_up = up(c[3], c[2])
-        self.block_seven = conv_stage(3, c[2], c[2])
-        self.block_seven_up = up(c[2], c[1])
-        self.block_eight = conv_stage(2, c[1], c[1])
-        self.block_eight_up = up(c[1], c[0])
-        self.block_nine = conv_stage(1, c[0], c[0])
-        self.out_conv = nn.Conv3d(c[0], num_classes, 1)
+        add_decoder(self, c, num_classes)
 
 
 class _Dsv(nn.Module):
@@ -138,15 +144,7 @@ class VNet(SegBackbone):
         self.block_four = conv_stage(3, c[3], c[3])
         self.block_four_dw = down(c[3], c[4])
         self.block_five = conv_stage(3, c[4], c[4])
-        self.block_five_up = up(c[4], c[3])
-        self.block_six = conv_stage(3, c[3], c[3])
-        self.block_six_up = up(c[3], c[2])
-        self.block_seven = conv_stage(3, c[2], c[2])
-        self.block_seven_up = up(c[2], c[1])
-        self.block_eight = conv_stage(2, c[1], c[1])
-        self.block_eight_up = up(c[1], c[0])
-        self.block_nine = conv_stage(1, c[0], c[0])
-        self.out_conv = nn.Conv3d(c[0], num_classes, 1)
+        add_decoder(self, c, num_classes)
         self.dropout = nn.Dropout3d(p=0.5)
         # The optional heads come last, so every module above draws the same initial weights as without them.
         if deep_supervision:  # unet_3D_dv_semi's names and scale factors

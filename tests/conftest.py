@@ -59,3 +59,45 @@ def clean_registry():
     """The registry as it was before the test (plugins a test loads do not leak into the next)."""
     with restored_registry():
         yield
+
+
+def full_and_resumed(make_cfg, stop_at: int, monkeypatch):
+    """Two trainers: a run trained without a break, and the same run interrupted before step ``stop_at`` (as
+    Ctrl-C does, between steps) and then resumed from its last.pt. ``make_cfg(name)`` gives each run's config."""
+    from semiseg.engine.trainer import Trainer
+
+    full = Trainer(make_cfg("full"), quiet=True)
+    full.fit()
+    part = Trainer(make_cfg("part"), quiet=True)
+    real = part.train_step
+
+    def stop(batch, it):
+        if it == stop_at:
+            raise KeyboardInterrupt
+        return real(batch, it)
+
+    monkeypatch.setattr(part, "train_step", stop)
+    assert part.fit()["iteration"] == stop_at
+    monkeypatch.setattr(part, "train_step", real)
+    resumed = Trainer(make_cfg("part"), quiet=True)
+    resumed.fit(resume=True)
+    return full, resumed
+
+
+def assert_same_networks(a, b, optimizer: bool = True) -> None:
+    """Every network of two trainers (student, teachers, second networks) equal, tensor by tensor, and the
+    optimizer's state too."""
+    import torch
+
+    assert a.networks.modules.keys() == b.networks.modules.keys()
+    for name in a.networks.modules:
+        sa, sb = a.networks.modules[name].state_dict(), b.networks.modules[name].state_dict()
+        assert sa.keys() == sb.keys(), name
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}.{k}"
+    if optimizer:
+        oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+        assert oa.keys() == ob.keys()
+        for i in oa:
+            for k, v in oa[i].items():
+                assert torch.equal(v, ob[i][k]) if torch.is_tensor(v) else v == ob[i][k], f"optimizer {i}.{k}"

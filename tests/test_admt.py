@@ -27,6 +27,7 @@ from semiseg.engine.trainer import Trainer
 from semiseg.errors import ConfigError
 from semiseg.evaluation.runs import evaluate_run
 from semiseg.schedules import sigmoid_rampup
+from tests.conftest import assert_same_networks, full_and_resumed
 
 
 # -- the official code, written out ---------------------------------------------------------------------------
@@ -450,27 +451,10 @@ def test_training_lowers_the_loss_and_saves_three_networks(tmp_path):
 def test_resume_restores_the_student_both_teachers_and_the_optimizer(tmp_path, monkeypatch):
     kw = dict(iterations=12, val_every=6, optimizer="sgd", lr=0.05,
               algo_options={"period": 3, "consistency_rampup": 1.0, "threshold": 0.6, "rampup_every": 1})
-    full = Trainer(cfg(tmp_path, "full", **kw), quiet=True)
-    full.fit()
-    part = Trainer(cfg(tmp_path, "part", **kw), quiet=True)
-    real = part.train_step
-
-    def stop_at_8(batch, it):
-        if it == 8:
-            raise KeyboardInterrupt
-        return real(batch, it)
-
-    monkeypatch.setattr(part, "train_step", stop_at_8)
-    assert part.fit()["iteration"] == 8
-    monkeypatch.undo()
-    resumed = Trainer(cfg(tmp_path, "part", **kw), quiet=True)
-    assert resumed.fit(resume=True)["iteration"] == 12
+    full, resumed = full_and_resumed(lambda name: cfg(tmp_path, name, **kw), 8, monkeypatch)
+    assert resumed.iteration == 12
     assert resumed.algo.state_dict() == full.algo.state_dict()
-    for name in ("model", TEACHER_A, TEACHER_B):
-        a, b = full.networks.modules[name].state_dict(), resumed.networks.modules[name].state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
-    assert sa and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    assert_same_networks(full, resumed)
     # both teachers moved after the interruption (periods of <= 3 steps over steps 8..11)
     assert {full.algo.active_teacher(t) for t in range(8, 12)} == {TEACHER_A, TEACHER_B}
 

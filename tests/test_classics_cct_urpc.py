@@ -24,6 +24,7 @@ from semiseg.engine.trainer import Trainer
 from semiseg.errors import ConfigError
 from semiseg.registry import create_backbone
 from semiseg.schedules import sigmoid_rampup
+from tests.conftest import assert_same_networks, full_and_resumed
 
 
 def n_params(m: nn.Module) -> int:
@@ -408,22 +409,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, algo):
     """6 steps, interrupted before step 4 and resumed, end with the same weights (aux decoders and heads
     included) as an uninterrupted run: the perturbations draw from torch's RNG, which the checkpoint restores."""
     kw = dict(iterations=6, val_every=100, batch_size=2)
-    full = Trainer(cfg(tmp_path, algo, out=str(tmp_path / "full"), **kw), quiet=True)
-    full.fit()
-    part = Trainer(cfg(tmp_path, algo, out=str(tmp_path / "part"), **kw), quiet=True)
-    real = part.train_step
-
-    def stop_at_3(batch, it):
-        if it == 3:
-            raise KeyboardInterrupt
-        return real(batch, it)
-
-    monkeypatch.setattr(part, "train_step", stop_at_3)
-    assert part.fit()["interrupted"]
-    resumed = Trainer(cfg(tmp_path, algo, out=str(tmp_path / "part"), **kw), quiet=True)
-    assert resumed.fit(resume=True)["iteration"] == 6
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys() and any(k.startswith(("aux_decoder3.", "decoder.out_conv_dp")) for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    full, resumed = full_and_resumed(lambda name: cfg(tmp_path, algo, out=str(tmp_path / name), **kw), 3,
+                                     monkeypatch)
+    assert resumed.iteration == 6
+    assert_same_networks(full, resumed)
+    assert any(k.startswith(("aux_decoder3.", "decoder.out_conv_dp")) for k in full.model.state_dict())
     assert [r["loss"] for r in logged(full.cfg)][-2:] == [r["loss"] for r in logged(resumed.cfg)][-2:]

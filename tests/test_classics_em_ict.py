@@ -20,6 +20,7 @@ from semiseg.engine.config import TrainConfig
 from semiseg.engine.trainer import Trainer
 from semiseg.errors import ConfigError
 from semiseg.registry import ALGORITHMS, create_algorithm
+from tests.conftest import assert_same_networks, full_and_resumed
 
 
 # -- the official formulas, written out ----------------------------------------------------------------------
@@ -299,31 +300,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, algo):
     included) exactly as an uninterrupted run does: ICT's mix factors come from torch's restored generator."""
     kw = dict(iterations=6, val_every=100, batch_size=2, labeled=4,
               data_options={"dim": 2, "n_train": 12, "n_val": 1, "size": [32, 32], "num_classes": 2})
-    full = Trainer(cfg2d(tmp_path, algo, out=str(tmp_path / "full"), **kw), quiet=True)
-    full.fit()
-
-    part = Trainer(cfg2d(tmp_path, algo, out=str(tmp_path / "part"), **kw), quiet=True)
-    real = part.train_step
-
-    def stop_at_3(batch, it):
-        if it == 3:
-            raise KeyboardInterrupt
-        return real(batch, it)
-
-    monkeypatch.setattr(part, "train_step", stop_at_3)
-    assert part.fit()["interrupted"]
-    monkeypatch.setattr(part, "train_step", real)
-    resumed = Trainer(cfg2d(tmp_path, algo, out=str(tmp_path / "part"), **kw), quiet=True)
-    assert resumed.fit(resume=True)["iteration"] == 6
-    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b)
-    if algo == "ict":
-        t_full, t_res = full.teacher.model.state_dict(), resumed.teacher.model.state_dict()
-        assert t_full.keys() == t_res.keys()
-        for k in t_full:
-            assert torch.equal(t_full[k], t_res[k]), k
-    else:
-        assert full.teacher is None and resumed.teacher is None
+    full, resumed = full_and_resumed(lambda name: cfg2d(tmp_path, algo, out=str(tmp_path / name), **kw), 3,
+                                     monkeypatch)
+    assert resumed.iteration == 6
+    assert_same_networks(full, resumed)  # the model, and ICT's teacher with its BatchNorm buffers
+    assert (full.teacher is None) == (algo == "em")
     # the logged losses of the resumed steps are those of the uninterrupted run
     tail = [r["loss"] for r in logged(full.cfg)][3:]
     assert [r["loss"] for r in logged(resumed.cfg)][-3:] == tail

@@ -22,6 +22,7 @@ from semiseg.engine.trainer import Trainer
 from semiseg.errors import ConfigError
 from semiseg.evaluation.runs import evaluate_run, load_model
 from semiseg.schedules import sigmoid_rampup
+from tests.conftest import assert_same_networks, full_and_resumed
 
 
 def cfg(tmp_path, name: str = "cps", **kw) -> TrainConfig:
@@ -99,26 +100,9 @@ def test_two_networks_train_lower_the_loss_and_are_saved_apart(tmp_path):
 
 
 def test_resume_restores_both_networks_and_the_optimizer(tmp_path, monkeypatch):
-    full = Trainer(cfg(tmp_path, "full", iterations=12, val_every=6), quiet=True)
-    full.fit()
-    part = Trainer(cfg(tmp_path, "part", iterations=12, val_every=6), quiet=True)
-    real = part.train_step
-
-    def stop_at_8(batch, it):
-        if it == 8:
-            raise KeyboardInterrupt
-        return real(batch, it)
-
-    monkeypatch.setattr(part, "train_step", stop_at_8)
-    assert part.fit()["iteration"] == 8
-    monkeypatch.undo()
-    resumed = Trainer(cfg(tmp_path, "part", iterations=12, val_every=6), quiet=True)
-    resumed.fit(resume=True)
-    for name in ("model", "model2"):
-        a, b = full.networks.modules[name].state_dict(), resumed.networks.modules[name].state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
-    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    full, resumed = full_and_resumed(lambda name: cfg(tmp_path, name, iterations=12, val_every=6), 8, monkeypatch)
+    assert resumed.iteration == 12
+    assert_same_networks(full, resumed)
 
 
 def test_3d_networks_start_kaiming_and_xavier_and_the_bench_counts_both(tmp_path):

@@ -262,3 +262,20 @@ def test_ranks_that_resume_from_different_steps_stop_with_one_sentence(tmp_path)
     for rank in (0, 1):
         text = (tmp_path / f"rank{rank}.txt").read_text()
         assert "rank 0: 7, rank 1: 0" in text and "same run directory (--out)" in text
+
+
+def test_two_networks_train_in_two_processes_even_when_one_is_idle(tmp_path, plugin):
+    """CPS's two networks are both in the DDP module (their gradients averaged, their weights kept equal on
+    every rank); ABD leaves its second student idle while BCP pre-trains the first (``idle_networks``), and
+    runs through the stage change."""
+    for algo, extra in (("cps", ["--iterations", "2"]),
+                        ("abd", ["--iterations", "4", "--opt", "pretrain_iterations=2", "--val-every", "2"])):
+        run = tmp_path / algo
+        args = [a for a in TINY if a != "--sync-bn"]
+        if "--val-every" in extra:
+            i = args.index("--val-every")
+            del args[i:i + 2]
+        out = launch(["--algo", algo, *args, "--batch-size", "2", "--out", str(run), *extra])
+        assert out.count("done: last val dice") == 1, out
+        ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+        assert "model2" in ck["networks"] and ck["iteration"] == int(extra[1])

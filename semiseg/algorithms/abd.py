@@ -34,8 +34,7 @@ Where semiseg differs: the strong view is built inside the step from the loader'
 generator (the loaders give no strong view of labeled images, nor a label that follows the cutout); ``model2``
 starts self-training with an empty optimizer state, where the official code loads ``model_1``'s pre-training
 momentum into ``model_2``'s optimizer (an algorithm cannot reach the optimizer). Pre-training leaves ``model2``
-without gradients, which the engine's DistributedDataParallel refuses, so ABD with pre-training runs on one
-process.
+without gradients, so ABD declares ``idle_networks`` and distributed training looks for unused parameters.
 
 3D has no official code. The parts generalise and run: BCP's LA form, a grid of patches along every axis, a
 cutout box in the volume, the jitter without the [0, 1] clamp (LA intensities are z-scored).
@@ -221,17 +220,13 @@ def cross_dice(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice_loss(probs, target, classes="all", smooth=1e-5)
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 @register_algorithm("abd")
 class ABD(BCP):
     name = "abd"
     paper = "ABD (Chi et al.)"
     year = 2024
     needs = ("labeled", "unlabeled")  # the strong views are built in the step (see strong_view)
+    idle_networks = True  # model2 has no gradient while BCP pre-trains model
 
     @classmethod
     def official_recipe(cls, dim: int) -> Recipe | None:
@@ -279,15 +274,6 @@ class ABD(BCP):
         # two students (both start from the pre-trained model at self-training) and BCP's EMA teacher of model_1
         assert self.ema is not None
         return {PRIMARY: Network(), SECOND: Network(), "teacher": Network("ema", of=PRIMARY, **self.ema)}
-
-    def stages(self, iterations: int) -> list[Stage]:
-        stages = super().stages(iterations)
-        if stages[0].name == "pretrain" and _world_size() > 1:
-            # model2 has no gradient while BCP pre-trains model, and the engine's DDP does not allow unused
-            # parameters (find_unused_parameters=False)
-            raise ConfigError("ABD pre-trains one of its two networks, which DistributedDataParallel refuses; "
-                              "train ABD on one process, or with pretrain_iterations=0.")
-        return stages
 
     def on_stage_start(self, stage: Stage, model: nn.Module, ctx: StepContext) -> None:
         super().on_stage_start(stage, model, ctx)  # the teacher <- the (best) pre-trained model

@@ -131,6 +131,9 @@ class Algorithm(ABC):
     backbone_options: dict[str, Any] = {}
     # The network (or "a+b" ensemble) that validation, eval and predict use; ``--eval-net`` overrides it.
     eval_network: str = PRIMARY
+    # True when some trained network gets no gradient in some steps (ABD's second student while it pre-trains
+    # the first): DistributedDataParallel must then look for unused parameters, which costs a graph traversal.
+    idle_networks: bool = False
 
     def __init__(self) -> None:
         self.num_classes = 2

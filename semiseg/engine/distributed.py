@@ -223,7 +223,9 @@ def wrap(networks: dict[str, nn.Module], algorithm: Algorithm, info: DistInfo, s
             # A group of its own keeps the statistics' all-reduces apart from DDP's gradient buckets.
             convert_sync_batchnorm(step.networks, dist.new_group(backend="gloo"))
     ids = [info.local_rank] if first.is_cuda else None
-    ddp = nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=False)
+    # a network idle in some steps leaves parameters without gradients, which DDP must be told to expect
+    ddp = nn.parallel.DistributedDataParallel(step, device_ids=ids,
+                                              find_unused_parameters=bool(algorithm.idle_networks))
     return StepRunner(ddp)
 
 

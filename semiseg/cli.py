@@ -368,7 +368,7 @@ def predict(checkpoint: str, inputs: tuple[str, ...], out: str, fmt: str | None,
     """Predict label maps for new images (NIfTI, h5, PNG/JPG/TIFF files, or folders of them) with a run directory
     or a checkpoint file. NIfTI inputs go through the model's stored preprocessing and come back on their own
     grid with their own affine; nnU-Net channel files (case_0000, case_0001...) form one case."""
-    from semiseg.evaluation.runs import predict_files
+    from semiseg.evaluation.predict import predict_files
 
     for p in predict_files(checkpoint, list(inputs), out, device=device, fmt=fmt, which=which,
                            overwrite=overwrite, save_prob=save_prob, tta=tta == "flip", inferer=inferer,

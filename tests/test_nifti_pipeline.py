@@ -22,7 +22,7 @@ from semiseg.engine import checkpoint as ckpt_io
 from semiseg.engine.config import TrainConfig
 from semiseg.engine.trainer import Trainer
 from semiseg.errors import DataError
-from semiseg.evaluation import runs
+from semiseg.evaluation import predict, runs
 from tests.conftest import shared_data_dir
 
 CROP = (48, 40, 24)
@@ -169,7 +169,7 @@ class Threshold(nn.Module):
 def test_predict_a_folder_writes_on_each_inputs_grid_and_world_position(run, la_nifti, tmp_path, monkeypatch):
     # the scans themselves, with the trained model: shapes, affines, names, probabilities
     out = tmp_path / "pred"
-    written = runs.predict_files(run, [str(la_nifti / "imagesTs")], out, save_prob=True)
+    written = predict.predict_files(run, [str(la_nifti / "imagesTs")], out, save_prob=True)
     assert sorted(p.name for p in written) == ["la_004.nii.gz", "la_004_prob.nii.gz", "la_005.nii.gz",
                                                "la_005_prob.nii.gz"]
     for name in ("la_004", "la_005"):
@@ -185,10 +185,10 @@ def test_predict_a_folder_writes_on_each_inputs_grid_and_world_position(run, la_
     for name in ("la_004", "la_005"):
         lab = nib.load(str(la_nifti / "labelsTs" / f"{name}.nii.gz"))
         save(masks / f"{name}.nii.gz", np.asarray(lab.dataobj).astype(np.float32), lab.affine)
-    monkeypatch.setattr(runs, "load_model", lambda ck, dev: Threshold())
+    monkeypatch.setattr(predict, "load_model", lambda ck, dev: Threshold())
     for tta in (False, True):
         got = tmp_path / f"oracle-{tta}"
-        runs.predict_files(run, [str(masks)], got, tta=tta)
+        predict.predict_files(run, [str(masks)], got, tta=tta)
         for name in ("la_004", "la_005"):
             lab = nib.load(str(la_nifti / "labelsTs" / f"{name}.nii.gz"))
             truth = np.asarray(lab.dataobj) == 1
@@ -207,14 +207,14 @@ def test_two_channel_files_train_and_predict_as_one_case(tmp_path):
     Trainer(cfg, quiet=True).fit()
     plan = json.loads((out / "plan.json").read_text())
     assert [c["name"] for c in plan["channels"]] == ["MRI", "T2"]
-    written = runs.predict_files(out, [str(root / "imagesTs")], tmp_path / "p2")
+    written = predict.predict_files(out, [str(root / "imagesTs")], tmp_path / "p2")
     assert sorted(p.name for p in written) == ["la_004.nii.gz", "la_005.nii.gz"]  # _0000/_0001 -> one case
     src = nib.load(str(root / "imagesTs" / "la_004_0000.nii.gz"))
     assert nib.load(str(written[0])).shape == src.shape
     with pytest.raises(DataError, match="has 1 channel.s. but the model takes 2"):
-        runs.predict_files(out, [str(root / "imagesTs" / "la_004_0000.nii.gz")], tmp_path / "p3")
+        predict.predict_files(out, [str(root / "imagesTs" / "la_004_0000.nii.gz")], tmp_path / "p3")
     with pytest.raises(DataError, match="has channel files .1. but no 'la_004_0000'"):
-        runs.predict_files(out, [str(root / "imagesTs" / "la_004_0001.nii.gz")], tmp_path / "p3")
+        predict.predict_files(out, [str(root / "imagesTs" / "la_004_0001.nii.gz")], tmp_path / "p3")
 
 
 # -- refusals and notes --------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_0_255_masks_without_dataset_json_are_two_classes_written_back_as_0_255(
         Trainer(TrainConfig(algo="supervised", data="nifti", data_root=str(root), labeled=2, backbone="vnet",
                             backbone_options={"width": 0.25}, patch_size=[32, 32, 16], iterations=1, val_every=1,
                             batch_size=2, out=str(out)), quiet=True).fit()
-        written = runs.predict_files(out, [str(root / "imagesTs" / "la_004.nii.gz")], tmp_path / "p255")
+        written = predict.predict_files(out, [str(root / "imagesTs" / "la_004.nii.gz")], tmp_path / "p255")
     assert set(np.unique(np.asarray(nib.load(str(written[0])).dataobj))) <= {0, 255}
 
 
@@ -254,11 +254,11 @@ def test_wrong_dimensionality_and_channels_are_refused(run, tmp_path):
     flat = tmp_path / "flat.nii.gz"
     save(flat, np.zeros((40, 40, 1), np.float32), np.eye(4))
     with pytest.raises(DataError, match="is a 2D image .shape .40, 40, 1.. but the model is 3D"):
-        runs.predict_files(run, [str(flat)], tmp_path / "o")
+        predict.predict_files(run, [str(flat)], tmp_path / "o")
     two = tmp_path / "two.nii.gz"
     save(two, np.zeros((40, 40, 20, 2), np.float32), np.eye(4))
     with pytest.raises(DataError, match="has 2 channel.s. but the model takes 1"):
-        runs.predict_files(run, [str(two)], tmp_path / "o")
+        predict.predict_files(run, [str(two)], tmp_path / "o")
 
 
 def test_ct_channels_are_clipped_and_scaled_with_the_foreground_statistics(tmp_path, monkeypatch):

@@ -394,7 +394,8 @@ FLAG_CASES = {
                                        "none; lower --labeled or use --algo supervised.", ConfigError),
     "2D backbone on 3D data": (lambda tmp: ["--backbone", "unet", "--data", "synthetic", "--dim", "3",
                                             "--data-opt", "n_train=4", "--data-opt", "n_val=1", "--labeled", "2"],
-                               "Backbone 'unet' is 2D but dataset 'synthetic' is 3D; use --backbone vnet, unet3d or monai.",
+                               "Backbone 'unet' is 2D but dataset 'synthetic' is 3D; use --backbone vnet, unet3d or "
+                               "monai.",
                                ConfigError),
 }
 

@@ -27,6 +27,7 @@ from semiseg.engine.config import TrainConfig
 from semiseg.engine.recipes import apply_recipe
 from semiseg.engine.trainer import Trainer
 from semiseg.errors import ConfigError
+from tests.conftest import assert_same_networks, full_and_resumed
 
 ABD = abd_mod.ABD
 
@@ -409,27 +410,9 @@ def test_training_lowers_the_loss_in_both_stages(tmp_path):
 @pytest.mark.parametrize("stop", [6, 14])  # inside pre-training (resume crosses the stage change) or after it
 def test_resume_restores_every_network_and_the_optimizer(tmp_path, monkeypatch, stop):
     kw = dict(algo_options={"pretrain_iterations": 8}, iterations=18, val_every=4, optimizer="sgd", lr=0.01)
-    full = Trainer(cfg(tmp_path, "full", **kw), quiet=True)
-    full.fit()
-    part = Trainer(cfg(tmp_path, "part", **kw), quiet=True)
-    real = part.train_step
-
-    def interrupt(batch, it):
-        if it == stop:
-            raise KeyboardInterrupt
-        return real(batch, it)
-
-    monkeypatch.setattr(part, "train_step", interrupt)
-    assert part.fit()["iteration"] == stop
-    monkeypatch.undo()
-    resumed = Trainer(cfg(tmp_path, "part", **kw), quiet=True)
-    resumed.fit(resume=True)
-    for name in ("model", "model2", "teacher"):
-        a, b = full.networks.modules[name].state_dict(), resumed.networks.modules[name].state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"])
-                                          for i in sa)
+    full, resumed = full_and_resumed(lambda name: cfg(tmp_path, name, **kw), stop, monkeypatch)
+    assert resumed.iteration == 18
+    assert_same_networks(full, resumed)  # model, model2, teacher and the momentum buffers
 
 
 # -- options and recipe -------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 
 from semiseg import registry
 from semiseg.algorithms import abd as abd_mod  # importing the module registers "abd"
-from semiseg.algorithms.base import Stage, StepContext
+from semiseg.algorithms.base import StepContext
 from semiseg.augment.mixing import bcp_mask
 from semiseg.engine import checkpoint as ckpt_io
 from semiseg.engine.config import TrainConfig
@@ -359,22 +359,39 @@ def test_selftrain_loss_equals_the_official_formula_written_out():
     torch.testing.assert_close(fixed.dice(probs, target, region), expect)
 
 
-def test_stage_start_copies_the_pretrained_model_into_both_students_and_the_teacher():
+def test_stage_start_copies_the_pretrained_model_into_both_students_and_the_teacher(tmp_path, monkeypatch):
+    """At self-training's first step model2 and the teacher are the best pre-trained model, and model2's
+    optimizer state is model's (the official code loads model_1's pre-training momentum into both optimizers)."""
     algo = ABD()
     algo.setup(num_classes=4, dim=2)
     assert list(algo.networks()) == ["model", "model2", "teacher"]
     assert (algo.networks()["teacher"].of, algo.networks()["teacher"].buffers) == ("model", True)
-    nets = {k: nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)) for k in ("model", "model2", "teacher")}
-    with torch.no_grad():
-        nets["model"][1].running_var.fill_(3.0)
-    ctx = StepContext(0, 10, teacher=nets["teacher"], networks=nets)
-    algo.on_stage_start(Stage("selftrain", 10), nets["model"], ctx)
-    for other in ("model2", "teacher"):
-        for k, v in nets["model"].state_dict().items():
-            assert torch.equal(nets[other].state_dict()[k], v), (other, k)
     stages = algo.stages(40000)
-    assert [(s.name, s.iterations, s.start_from, s.fresh_optimizer) for s in stages] == [
-        ("pretrain", 10000, None, False), ("selftrain", 30000, "best", False)]
+    assert [(s.name, s.iterations, s.start_from, s.fresh_optimizer, s.copy) for s in stages] == [
+        ("pretrain", 10000, None, False, {}), ("selftrain", 30000, "best", False, {"model2": "model"})]
+
+    seen = {}
+    real = ABD.on_stage_start
+
+    def spy(self, stage, model, ctx):
+        real(self, stage, model, ctx)
+        if stage.name == "selftrain":
+            t = trainer
+            groups = {g["network"]: g["params"] for g in t.optimizer.param_groups}
+            def snap(net):  # copies: training goes on changing the live tensors
+                return {k: v.clone() for k, v in net.state_dict().items()}
+
+            seen["weights"] = [(snap(ctx.networks[n]), snap(model)) for n in ("model2", "teacher")]
+            seen["momentum"] = [(t.optimizer.state[a]["momentum_buffer"].clone(),
+                                 t.optimizer.state[b]["momentum_buffer"].clone())
+                                for a, b in zip(groups["model"], groups["model2"])]
+
+    monkeypatch.setattr(ABD, "on_stage_start", spy)
+    trainer = Trainer(cfg(tmp_path, "copy", iterations=12, val_every=5, optimizer="sgd"), quiet=True)
+    trainer.fit()
+    for copied, source in seen["weights"]:
+        assert all(torch.equal(copied[k], v) for k, v in source.items())
+    assert seen["momentum"] and all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in seen["momentum"])
 
 
 # -- training -----------------------------------------------------------------------------------------------------

@@ -31,10 +31,10 @@ The region Dice follows ABD's ``DiceLoss``, which predates BCP's fix: the backgr
 mask (``background_mask=True`` applies it, as semiseg's ``bcp`` does).
 
 Where semiseg differs: the strong view is built inside the step from the loader's weak views, with torch's
-generator (the loaders give no strong view of labeled images, nor a label that follows the cutout); ``model2``
-starts self-training with an empty optimizer state, where the official code loads ``model_1``'s pre-training
-momentum into ``model_2``'s optimizer (an algorithm cannot reach the optimizer). Pre-training leaves ``model2``
-without gradients, so ABD declares ``idle_networks`` and distributed training looks for unused parameters.
+generator (the loaders give no strong view of labeled images, nor a label that follows the cutout). As the
+official code, ``model2`` starts self-training as the best pre-trained ``model``, its momentum included
+(``Stage.copy``). Pre-training leaves ``model2`` without gradients, so ABD declares ``idle_networks`` and
+distributed training looks for unused parameters.
 
 3D has no official code. The parts generalise and run: BCP's LA form, a grid of patches along every axis, a
 cutout box in the volume, the jitter without the [0, 1] clamp (LA intensities are z-scored).
@@ -275,11 +275,14 @@ class ABD(BCP):
         assert self.ema is not None
         return {PRIMARY: Network(), SECOND: Network(), "teacher": Network("ema", of=PRIMARY, **self.ema)}
 
-    def on_stage_start(self, stage: Stage, model: nn.Module, ctx: StepContext) -> None:
-        super().on_stage_start(stage, model, ctx)  # the teacher <- the (best) pre-trained model
-        if stage.name == "selftrain":
-            # the official code loads the best pre-trained weights into model_1 and model_2 alike
-            self._second(ctx).load_state_dict(model.state_dict())
+    def stages(self, iterations: int) -> list[Stage]:
+        # the official code loads the best pre-trained weights, and the pre-training optimizer state, into
+        # model_1 and model_2 alike: the engine copies model into model2 at self-training's first step
+        stages = super().stages(iterations)
+        for st in stages:
+            if st.name == "selftrain" and len(stages) > 1:
+                st.copy = {SECOND: PRIMARY}
+        return stages
 
     def _second(self, ctx: StepContext) -> nn.Module:
         net = ctx.networks.get(SECOND)

@@ -29,7 +29,9 @@ class Stage:
     ``schedule``: None follows the run's learning-rate schedule over the whole run; a schedule name restarts that
     schedule at the stage's first step over the stage's length. ``start_from="best"`` first restores the
     previous stage's best checkpoint (chosen on the validation split), its optimizer state included unless
-    ``fresh_optimizer``, which starts a new optimizer.
+    ``fresh_optimizer``, which starts a new optimizer. ``copy`` maps trained networks to the trained network whose
+    weights and optimizer state they take at the stage's first step (ABD's second student starts self-training
+    as the pre-trained first one, momentum included).
     """
 
     name: str
@@ -37,6 +39,7 @@ class Stage:
     schedule: str | None = None
     start_from: str | None = None  # None (continue) or "best"
     fresh_optimizer: bool = False
+    copy: dict[str, str] = field(default_factory=dict)
 
 
 # The optimizer every official SGD recipe of the field shares (UniMatch, CrossMatch ACDC, SSL4MIS, UA-MT, BCP).

@@ -94,6 +94,23 @@ class Networks:
         return [{"params": [p for p in m.parameters() if p.requires_grad], "network": n,
                  "lr_scale": float(self.specs[n].lr_scale)} for n, m in self.trained().items()]
 
+    @torch.no_grad()
+    def copy_trained(self, src: str, dst: str, optimizer: torch.optim.Optimizer) -> None:
+        """Trained network ``dst`` takes ``src``'s weights and, parameter by parameter, its optimizer state
+        (momentum, Adam moments); both must be trained networks of one architecture."""
+        for n in (src, dst):
+            if n not in self.modules or self.specs[n].role != "trained":
+                raise ConfigError(f"A stage copies network '{src}' into '{dst}', but '{n}' is not a trained network "
+                                  f"of this algorithm ({', '.join(self.trained())}).")
+        a, b = self.modules[src], self.modules[dst]
+        b.load_state_dict(a.state_dict())
+        for p_src, p_dst in zip(a.parameters(), b.parameters()):
+            state = optimizer.state.get(p_src)
+            if state:
+                optimizer.state[p_dst] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+            else:
+                optimizer.state.pop(p_dst, None)
+
     def update_emas(self, algo: Algorithm, iteration: int) -> None:
         for name, ema in self.emas.items():
             rule = algo.update_ema(name, iteration)

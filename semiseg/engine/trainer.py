@@ -382,6 +382,8 @@ class Trainer:
                       f"'{self.val_split}'){self._val_is_test()}")
         if i > 0 and stage.fresh_optimizer:
             self.optimizer = self._optimizer()
+        for dst, src in stage.copy.items():
+            self.networks.copy_trained(src, dst, self.optimizer)
         self.algo.on_stage_start(stage, self.model, self._ctx(self.iteration))
 
     @property

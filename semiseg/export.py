@@ -47,12 +47,14 @@ ONNX_SINGLE_FILE_BYTES = 2**31 - 2**26
 
 def export_model(run: str | Path, fmt: str, out: str | Path, which: str = "last", opset: int | None = None,
                  overwrite: bool = False, exporter: str = "auto", tolerance: float = 1e-3,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, network: str | None = None) -> dict[str, Any]:
     """Write the network of ``run`` (a run directory or a checkpoint file) as ``fmt`` to ``out`` and its JSON
     sidecar to ``out + ".json"``; return the paths, the format and the measured round-trip difference.
 
     ``tolerance`` is relative to the logits' scale: the export is refused when the largest absolute difference
-    between the exported file's logits and PyTorch's exceeds ``tolerance * max(1, max |logits|)``.
+    between the exported file's logits and PyTorch's exceeds ``tolerance * max(1, max |logits|)``. ``network``
+    picks one of an algorithm's networks (default: the one the run evaluates; ``a+b``, their ensemble, exports
+    as ONNX or TorchScript only, since safetensors holds one backbone's weights).
     """
     out = Path(out)
     _check_request(fmt, out, which, exporter, overwrite)
@@ -61,13 +63,22 @@ def export_model(run: str | Path, fmt: str, out: str | Path, which: str = "last"
         raise ConfigError(f"--out '{out}' is the checkpoint being exported; write the export to another file.")
     ck = ckpt_io.load(ck_path)
     registry.require_plugins(list((ck.get("config") or {}).get("plugins") or []), f"Checkpoint '{ck_path}'")
-    meta = ck["meta"]
-
+    from semiseg.engine.networks import resolve_eval
     from semiseg.evaluation.runs import load_model
 
+    nets = ck["meta"].get("networks") or {"model": {"backbone": ck["meta"]["backbone"],
+                                                    "backbone_options": ck["meta"].get("backbone_options") or {}}}
+    names = resolve_eval(network, ck["meta"].get("eval_network") or "model", list(nets))
+    if fmt == "safetensors" and len(names) > 1:
+        raise ConfigError(f"safetensors holds one backbone's weights, but the network to export is the ensemble "
+                          f"{'+'.join(names)}; choose one with --eval-net (e.g. {names[0]}) or export onnx.")
+    # the chosen network's backbone, where the algorithm has several (CPS's model2, a teacher...)
+    meta = {**ck["meta"], "network": "+".join(names), "backbone": nets[names[0]]["backbone"],
+            "backbone_options": nets[names[0]].get("backbone_options") or {}}
+    ck = {**ck, "meta": meta}
     # load_model may return channels_last weights (faster on the CPU); exported files get the plain layout,
     # which every runtime reads and which safetensors needs (contiguous tensors)
-    model = load_model(ck, torch.device("cpu")).to(memory_format=torch.contiguous_format).eval()
+    model = load_model(ck, torch.device("cpu"), meta["network"]).to(memory_format=torch.contiguous_format).eval()
     dim = int(meta.get("dim", 2))
     patch = [int(p) for p in meta["patch_size"]]
     in_channels = int(meta["in_channels"])
@@ -370,6 +381,7 @@ def _sidecar(fmt: str, out: Path, ck_path: Path, ck: dict[str, Any], dim: int, p
         "backbone": meta["backbone"],
         "backbone_options": _backbone_options(meta),
         "algo": meta.get("algo"),
+        "network": meta.get("network", "model"),
         "checkpoint": str(ck_path.expanduser().resolve()),
         "iteration": ck.get("iteration"),
         "input": {
@@ -411,13 +423,17 @@ def _write_text_atomic(path: Path, text: str) -> None:
 @click.option("--checkpoint", "which", type=click.Choice(["last", "best"]), default="last", show_default=True,
               help="Which checkpoint of a run directory (as `semiseg eval`).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing FILE and FILE.json.")
+@click.option("--eval-net", "network", help="Which network of an algorithm with several (default: the one the run "
+                                            "evaluates; a+b exports their ensemble, ONNX or TorchScript).")
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
 @click.option("--exporter", type=click.Choice(list(EXPORTERS)), default="auto", show_default=True,
               help="ONNX exporter: classic (TorchScript-based), dynamo, or auto (classic, then dynamo).")
-def export(run: str, fmt: str, out: str, which: str, overwrite: bool, opset: int | None, exporter: str) -> None:
+def export(run: str, fmt: str, out: str, which: str, overwrite: bool, network: str | None, opset: int | None,
+           exporter: str) -> None:
     """Write the network of RUN (a run directory or a .pt checkpoint) as ONNX, TorchScript or safetensors, with a
     JSON sidecar holding its input layout, classes and preprocessing plan."""
-    r = export_model(run, fmt, out, which=which, opset=opset, overwrite=overwrite, exporter=exporter)
+    r = export_model(run, fmt, out, which=which, opset=opset, overwrite=overwrite, exporter=exporter,
+                     network=network)
     extra = f", opset {r['opset']}" if fmt == "onnx" else ""
     click.echo(f"wrote {r['path']} ({fmt}{extra}; {r['checkpoint']}, step {r['iteration']})")
     click.echo(f"wrote {r['sidecar']}")

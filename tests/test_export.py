@@ -267,3 +267,25 @@ def test_no_working_onnx_exporter_is_one_sentence_and_writes_nothing(run2d, tmp_
     assert f"No ONNX exporter could write '{out}'" in msg and "frobnicate" in msg and "dynamo exporter" in msg
     assert msg.endswith("export to torchscript or safetensors instead.")
     assert not list(tmp_path.iterdir())
+
+
+def test_one_network_of_several_or_their_ensemble(tmp_path_factory):
+    """CPS trains two U-Nets: safetensors writes the one asked for (rebuilt and checked), TorchScript also the
+    ensemble; safetensors of an ensemble is refused in one sentence."""
+    out = tmp_path_factory.mktemp("export") / "cps"
+    cfg = TrainConfig(algo="cps", backbone="unet", backbone_options={"width": 0.25}, data="synthetic",
+                      data_options={"dim": 2, "n_train": 8, "n_val": 2, "size": [32, 32], "num_classes": 2},
+                      patch_size=[32, 32], labeled=4, iterations=2, batch_size=2, optimizer="adamw", lr=0.01,
+                      val_every=2, out=str(out), seed=0)
+    Trainer(cfg, quiet=True).fit()
+    from safetensors.torch import load_file
+
+    r = export_model(out, "safetensors", tmp_path_factory.mktemp("e") / "m2.safetensors", network="model2")
+    ck = ckpt_io.load(out / "checkpoints" / "last.pt")
+    weights = load_file(r["path"])
+    assert all(torch.equal(weights[k], v) for k, v in ck["networks"]["model2"].items())
+    assert json.loads(Path(r["sidecar"]).read_text())["network"] == "model2"
+    r = export_model(out, "torchscript", tmp_path_factory.mktemp("e") / "both.pt", network="model+model2")
+    assert r["max_abs_diff"] <= r["tolerance"]
+    with pytest.raises(ConfigError, match="holds one backbone's weights"):
+        export_model(out, "safetensors", tmp_path_factory.mktemp("e") / "both.safetensors", network="model+model2")

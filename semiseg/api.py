@@ -100,8 +100,9 @@ class Model:
         return predict(a)
 
 
-def load(path: str | Path, checkpoint: str = "last", device: str = "auto") -> Model:
-    """A trained model from a run directory (its ``last`` or ``best`` checkpoint) or a checkpoint file."""
+def load(path: str | Path, checkpoint: str = "last", device: str = "auto", network: str | None = None) -> Model:
+    """A trained model from a run directory (its ``last`` or ``best`` checkpoint) or a checkpoint file;
+    ``network`` picks one of an algorithm's networks (default: the one the run evaluates; ``a+b``: ensemble)."""
     from semiseg.engine import checkpoint as ckpt_io
     from semiseg.engine.trainer import pick_device
     from semiseg.evaluation.runs import load_model
@@ -109,4 +110,4 @@ def load(path: str | Path, checkpoint: str = "last", device: str = "auto") -> Mo
     ck_path = ckpt_io.resolve(path, prefer=checkpoint)
     ck = ckpt_io.load(ck_path)
     dev = pick_device(device)
-    return Model(load_model(ck, dev), ck["meta"], dev, ck_path)
+    return Model(load_model(ck, dev, network), ck["meta"], dev, ck_path)

@@ -134,3 +134,17 @@ def test_network_declarations_are_checked():
         check_specs({"model": Network(), "t": Network("teacher", of="model")}, "x")
     with pytest.raises(ConfigError, match="consistency"):
         CPS(consistency=-1)
+
+
+def test_the_python_api_loads_either_network(tmp_path):
+    import numpy as np
+
+    import semiseg
+
+    Trainer(cfg(tmp_path, "api", iterations=2, val_every=2), quiet=True).fit()
+    image = np.random.default_rng(0).random((1, 64, 64)).astype(np.float32)
+    for network in (None, "model2", "model+model2"):
+        labels = semiseg.load(tmp_path / "api", network=network).predict(image)
+        assert labels.shape == (64, 64) and set(np.unique(labels)) <= {0, 1}
+    with pytest.raises(ConfigError, match="names no network"):
+        semiseg.load(tmp_path / "api", network="teacher")

@@ -96,15 +96,6 @@ def separate_axis(old: Sequence[float], new: Sequence[float], threshold: float =
     return axis if axis is not None else _separate_axis(new, threshold)
 
 
-def _nearest_along(a: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """Nearest-neighbour resampling of one axis with voxel centres aligned (order 0)."""
-    n = a.shape[axis]
-    if n == size:
-        return a
-    idx = np.clip(np.floor((np.arange(size) + 0.5) * n / size), 0, n - 1).astype(np.int64)
-    return np.take(a, idx, axis=axis)
-
-
 def _resize(a: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     from skimage.transform import resize
 
@@ -125,7 +116,8 @@ def resample_channels(data: np.ndarray, shape: Sequence[int], order: int, axis: 
         in_plane = [s for i, s in enumerate(shape) if i != axis]
         moved = np.moveaxis(channel, axis, 0)
         slices = np.stack([_resize(s, in_plane, order) for s in moved])
-        out.append(np.moveaxis(_nearest_along(slices, 0, shape[axis]), 0, axis))
+        # then the low-resolution axis alone, nearest neighbour (nnU-Net's order_z = 0)
+        out.append(np.moveaxis(_resize(slices, (shape[axis], *in_plane), 0), 0, axis))
     return np.stack(out).astype(np.float32, copy=False)
 
 

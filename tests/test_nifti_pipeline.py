@@ -300,3 +300,14 @@ def test_cli_target_spacing_and_foreground_share(la_nifti, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((out / "plan.json").read_text())["target_spacing"] == [1.5, 1.5, 4.0]
     assert yaml.safe_load((out / "config.yaml").read_text())["policy_options"] == {"foreground": 0.5}
+
+
+def test_export_carries_the_plan(run, tmp_path):
+    """The exported network's sidecar holds the stored plan, so another runtime can replay the preprocessing."""
+    pytest.importorskip("safetensors")
+    from semiseg.export import export_model
+
+    r = export_model(run, "safetensors", tmp_path / "la.safetensors")
+    sidecar = json.loads(Path(r["sidecar"]).read_text())
+    assert sidecar["preprocessing"] == json.loads((run / "plan.json").read_text())
+    assert sidecar["class_names"] == ["background", "left atrium"] and sidecar["in_channels"] == 1

@@ -311,3 +311,27 @@ def test_export_carries_the_plan(run, tmp_path):
     sidecar = json.loads(Path(r["sidecar"]).read_text())
     assert sidecar["preprocessing"] == json.loads((run / "plan.json").read_text())
     assert sidecar["class_names"] == ["background", "left atrium"] and sidecar["in_channels"] == 1
+
+
+def test_resume_refuses_a_plan_that_changed_with_the_files(tmp_path):
+    from semiseg.errors import CheckpointError
+
+    root = write_dataset(tmp_path / "changing")
+
+    def make() -> TrainConfig:
+        return TrainConfig(algo="supervised", data="nifti", data_root=str(root), data_options={"n_val": 1},
+                           labeled=2, backbone="vnet", backbone_options={"width": 0.25}, patch_size=[32, 32, 16],
+                           iterations=1, val_every=1, batch_size=2, out=str(tmp_path / "run"))
+
+    Trainer(make(), quiet=True).fit()
+    for f in (root / "imagesTr").iterdir():  # every training image now says 2 mm in-plane
+        img = nib.load(str(f))
+        aff = img.affine.copy()
+        aff[:3, 1:3] *= 2.0
+        save(f, np.asarray(img.dataobj), aff)
+        lab = root / "labelsTr" / f.name
+        save(lab, np.asarray(nib.load(str(lab)).dataobj), aff)
+    cfg = make()
+    cfg.iterations = 2
+    with pytest.raises(CheckpointError, match="another preprocessing plan"):
+        Trainer(cfg, quiet=True).fit(resume=True)

@@ -41,7 +41,7 @@ from semiseg.engine.recipes import apply_recipe
 from semiseg.engine.record import resolved_config, write_record
 from semiseg.engine.runlog import run_log
 from semiseg.engine.tracking import check_loggers, open_trackers
-from semiseg.errors import ConfigError, DataError, TrainingError
+from semiseg.errors import CheckpointError, ConfigError, DataError, TrainingError
 from semiseg.evaluation.protocol import validate
 from semiseg.schedules import learning_rate
 
@@ -337,6 +337,11 @@ class Trainer:
             return False
         ck = ckpt_io.load(path)
         ckpt_io.check_compatible(ck["meta"], self.meta, path)
+        stored = ck["meta"].get("preprocessing")
+        if stored is not None and stored != self.meta.get("preprocessing"):
+            raise CheckpointError(f"Checkpoint '{path}' was trained with another preprocessing plan than the one "
+                                  f"computed from the data now (spacings, intensities or labels of the training "
+                                  f"files changed); resume with the files it was trained on, or use a new --out.")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])

@@ -415,3 +415,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, algo):
     assert_same_networks(full, resumed)
     assert any(k.startswith(("aux_decoder3.", "decoder.out_conv_dp")) for k in full.model.state_dict())
     assert [r["loss"] for r in logged(full.cfg)][-2:] == [r["loss"] for r in logged(resumed.cfg)][-2:]
+
+
+def test_a_backbone_without_the_needed_heads_is_refused_in_one_sentence(tmp_path):
+    from semiseg.engine.config import TrainConfig as Config
+
+    for algo, backbone, option in (("cct", "smp", "aux_decoders"), ("urpc", "unet3d", "deep_supervision")):
+        dim = 3 if backbone == "unet3d" else 2
+        c = Config(algo=algo, backbone=backbone, data="synthetic", data_options={"dim": dim, "n_train": 4, "n_val": 1},
+                   iterations=1, out=str(tmp_path / algo))
+        with pytest.raises(ConfigError, match=f"needs the backbone option {option}, which backbone '{backbone}' does "
+                                              f"not have; use --backbone unet or vnet"):
+            Trainer(c, quiet=True)

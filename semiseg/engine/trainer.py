@@ -100,6 +100,13 @@ def build_model(cfg: TrainConfig, data, required: dict[str, Any] | None = None,
     if name == "auto":
         name = "vnet" if data.dim == 3 else "unet"
     opts = {**cfg.backbone_options, **(options or {})} if backbone is None else dict(options or {})
+    accepted, any_kwargs = registry.accepted_kwargs(registry.BACKBONES.get(name))
+    missing = [k for k in (required or {}) if k not in accepted and not any_kwargs]
+    if missing:
+        having = [n for n in registry.BACKBONES.names()
+                  if all(k in registry.accepted_kwargs(registry.BACKBONES.get(n))[0] for k in missing)]
+        raise ConfigError(f"Algorithm '{cfg.algo}' needs the backbone option {', '.join(missing)}, which backbone "
+                          f"'{name}' does not have; use --backbone {' or '.join(having) or 'unet'}.")
     for k, v in (required or {}).items():
         if k in opts and opts[k] != v:
             raise ConfigError(f"Algorithm '{cfg.algo}' needs the backbone option {k}={v!r}, but {k}={opts[k]!r} "

@@ -283,7 +283,9 @@ def _combine(skip: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.add(x, y)
     if skip.mode == "mul":
         return torch.mul(x, y)
-    raise NotImplementedError(f"Unsupported SkipConnection mode {skip.mode}.")
+    # MONAI's SkipConnection knows these three modes; a newer one would need its combine here
+    raise ConfigError(f"MONAI SkipConnection mode '{skip.mode}' is not one semiseg splits into encode/decode (cat, "
+                      f"add, mul); build the UNet with the default mode.")
 
 
 def load_weights(model: nn.Module, path: str) -> dict[str, Any]:

@@ -47,6 +47,15 @@ OFFICIAL_SGD: dict[str, Any] = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
                                 "nesterov": False, "warmup": 0, "poly_total": None}
 
 
+def ssl4mis_recipe(source: str, dim: int, **settings: Any) -> Recipe:
+    """SSL4MIS's shared setup (every one of its semi-supervised scripts): SGD 0.01 with momentum 0.9 and weight
+    decay 1e-4, poly decay, 30 000 iterations, 12 labeled + 12 unlabeled images in 2D and 2 + 2 in 3D;
+    ``settings`` replace any of these."""
+    batch = 12 if dim == 2 else 2
+    return Recipe(source, {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": batch,
+                           "unlabeled_batch_size": batch, **settings})
+
+
 @dataclass(frozen=True)
 class Recipe:
     """An algorithm's official training settings (``--recipe official``): TrainConfig fields, and optionally a

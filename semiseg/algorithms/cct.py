@@ -32,7 +32,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, PseudoLabel, Recipe, StepContext, StepResult
+from semiseg.algorithms.base import (
+    Algorithm,
+    PseudoLabel,
+    Recipe,
+    StepContext,
+    StepResult,
+    ssl4mis_recipe,
+)
 from semiseg.algorithms.losses import supervised_loss
 from semiseg.algorithms.meanteacher import unlabeled_truth
 from semiseg.algorithms.perturbations import Features, Perturbation, elementwise_dropout
@@ -98,13 +105,9 @@ class CCT(Algorithm):
     @classmethod
     def official_recipe(cls, dim: int) -> Recipe:
         if dim == 2:  # batch 24 of which labeled_bs 12: 12 labeled + 12 unlabeled
-            return Recipe("SSL4MIS code/train_cross_consistency_training_2D.py",
-                          {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": 12,
-                           "unlabeled_batch_size": 12})
+            return ssl4mis_recipe("SSL4MIS code/train_cross_consistency_training_2D.py", dim)
         # No official 3D CCT: SSL4MIS's 3D semi-supervised optimisation (train_mean_teacher_3D.py), borrowed.
-        return Recipe("SSL4MIS code/train_mean_teacher_3D.py (borrowed: no official 3D CCT)",
-                      {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": 2,
-                       "unlabeled_batch_size": 2})
+        return ssl4mis_recipe("SSL4MIS code/train_mean_teacher_3D.py (borrowed: no official 3D CCT)", dim)
 
     def __init__(self, consistency: float = 0.1, consistency_rampup: float = 200.0, rampup_every: int = 150,
                  noise_range: float = 0.3, dropout: float = 0.3, drop_low: float = 0.7, drop_high: float = 0.9,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import OFFICIAL_SGD, PRIMARY, Network, Recipe, StepContext, StepResult
+from semiseg.algorithms.base import PRIMARY, Network, Recipe, StepContext, StepResult, ssl4mis_recipe
 from semiseg.algorithms.graph import Edge, GraphAlgorithm, Stream
 from semiseg.errors import ConfigError
 from semiseg.registry import register_algorithm
@@ -42,10 +42,7 @@ class CPS(GraphAlgorithm):
 
     @classmethod
     def official_recipe(cls, dim: int) -> Recipe:
-        batch = 12 if dim == 2 else 2
-        return Recipe(f"SSL4MIS code/train_cross_pseudo_supervision_{dim}D.py",
-                      {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": batch,
-                       "unlabeled_batch_size": batch})
+        return ssl4mis_recipe(f"SSL4MIS code/train_cross_pseudo_supervision_{dim}D.py", dim)
 
     def __init__(self, consistency: float = 0.1, consistency_rampup: float = 200.0, rampup_every: int = 150) -> None:
         super().__init__()

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, Recipe, StepContext, StepResult
+from semiseg.algorithms.base import Algorithm, Recipe, StepContext, StepResult, ssl4mis_recipe
 from semiseg.algorithms.losses import supervised_loss
 from semiseg.errors import ConfigError
 from semiseg.registry import register_algorithm
@@ -50,10 +50,7 @@ class EntropyMinimization(Algorithm):
     @classmethod
     def official_recipe(cls, dim: int) -> Recipe:
         # SSL4MIS: --batch_size 24 with --labeled_bs 12 in 2D; 4 with 2 in 3D (BraTS 2019)
-        batch = 12 if dim == 2 else 2
-        return Recipe(f"SSL4MIS code/train_entropy_minimization_{dim}D.py",
-                      {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": batch,
-                       "unlabeled_batch_size": batch})
+        return ssl4mis_recipe(f"SSL4MIS code/train_entropy_minimization_{dim}D.py", dim)
 
     def __init__(self, consistency: float = 0.1, consistency_rampup: float = 200.0, rampup_every: int = 150,
                  entropy_on: str = "all") -> None:

@@ -29,7 +29,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, PseudoLabel, Recipe, StepContext, StepResult
+from semiseg.algorithms.base import (
+    Algorithm,
+    PseudoLabel,
+    Recipe,
+    StepContext,
+    StepResult,
+    ssl4mis_recipe,
+)
 from semiseg.algorithms.losses import masked_mse, supervised_loss
 from semiseg.algorithms.meanteacher import require_teacher, train_mode, unlabeled_truth
 from semiseg.errors import ConfigError
@@ -66,10 +73,7 @@ class ICT(Algorithm):
     @classmethod
     def official_recipe(cls, dim: int) -> Recipe:
         # SSL4MIS: --batch_size 24 with --labeled_bs 12 in 2D; 4 with 2 in 3D (BraTS 2019)
-        batch = 12 if dim == 2 else 2
-        return Recipe(f"SSL4MIS code/train_interpolation_consistency_training_{dim}D.py",
-                      {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": batch,
-                       "unlabeled_batch_size": batch})
+        return ssl4mis_recipe(f"SSL4MIS code/train_interpolation_consistency_training_{dim}D.py", dim)
 
     def __init__(self, consistency: float = 0.1, consistency_rampup: float = 200.0, rampup_every: int = 150,
                  ict_alpha: float = 0.2) -> None:

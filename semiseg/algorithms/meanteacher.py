@@ -21,7 +21,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, PseudoLabel, Recipe, StepContext, StepResult
+from semiseg.algorithms.base import (
+    Algorithm,
+    PseudoLabel,
+    Recipe,
+    StepContext,
+    StepResult,
+    ssl4mis_recipe,
+)
 from semiseg.algorithms.losses import masked_mse, supervised_loss
 from semiseg.errors import ConfigError, TrainingError
 from semiseg.registry import register_algorithm
@@ -66,10 +73,7 @@ class MeanTeacher(Algorithm):
 
     @classmethod
     def official_recipe(cls, dim: int) -> Recipe:
-        batch = 12 if dim == 2 else 2
-        return Recipe(f"SSL4MIS code/train_mean_teacher_{dim}D.py",
-                      {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": batch,
-                       "unlabeled_batch_size": batch})
+        return ssl4mis_recipe(f"SSL4MIS code/train_mean_teacher_{dim}D.py", dim)
 
     def __init__(self, consistency: float = 0.1, consistency_rampup: float | None = None,
                  rampup_every: int = 150, consistency_start: int | None = None, noise_std: float = 0.1,

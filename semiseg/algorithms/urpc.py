@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg.algorithms.base import OFFICIAL_SGD, Algorithm, PseudoLabel, Recipe, StepContext, StepResult
+from semiseg.algorithms.base import (
+    Algorithm,
+    PseudoLabel,
+    Recipe,
+    StepContext,
+    StepResult,
+    ssl4mis_recipe,
+)
 from semiseg.algorithms.cct import feature_dropout, feature_noise
 from semiseg.algorithms.losses import supervised_loss
 from semiseg.algorithms.meanteacher import unlabeled_truth
@@ -69,13 +76,10 @@ class URPC(Algorithm):
     @classmethod
     def official_recipe(cls, dim: int) -> Recipe:
         if dim == 2:  # batch 24 of which labeled_bs 12
-            return Recipe("SSL4MIS code/train_uncertainty_rectified_pyramid_consistency_2D.py",
-                          {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": 12,
-                           "unlabeled_batch_size": 12})
+            return ssl4mis_recipe("SSL4MIS code/train_uncertainty_rectified_pyramid_consistency_2D.py", dim)
         # written for GTV/BraTS-style data (96^3 patches): base_lr 0.1, 60 000 iterations, batch 4 = 2 + 2
-        return Recipe("SSL4MIS code/train_uncertainty_rectified_pyramid_consistency_3D.py",
-                      {**OFFICIAL_SGD, "lr": 0.1, "schedule": "poly", "iterations": 60000, "batch_size": 2,
-                       "unlabeled_batch_size": 2})
+        return ssl4mis_recipe("SSL4MIS code/train_uncertainty_rectified_pyramid_consistency_3D.py", dim, lr=0.1,
+                              iterations=60000)
 
     def __init__(self, consistency: float = 0.1, consistency_rampup: float | None = None, rampup_every: int = 150,
                  perturb: bool = True) -> None:

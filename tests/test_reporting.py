@@ -57,6 +57,10 @@ def test_bench_markdown_names_split_checkpoint_and_missing_values(tmp_path):
     write_markdown(tmp_path / "r.md", rows, "t")
     text = (tmp_path / "r.md").read_text()
     assert "Evaluated: split valtest, last checkpoint" in text and "medpy's definitions" in text
+    assert "Machine" not in text  # neither row is timed yet, so neither names a machine
+    rows[1].update(machine="Linux, Xeon, 2 CPUs", device="cpu (2 torch threads)", torch="2.14.1")
+    write_markdown(tmp_path / "r.md", rows, "t")
+    assert "Machine:\n\n- Linux, Xeon, 2 CPUs; cpu (2 torch threads); torch 2.14.1\n" in (tmp_path / "r.md").read_text()
 
 
 def test_eval_on_la_uses_the_official_stride_and_names_what_it_reports(tmp_path, shared_data):

@@ -268,8 +268,9 @@ def write_markdown(path: str | Path, rows: Sequence[dict[str, Any]], title: str,
                    diagnostics: Sequence[dict[str, Any]] = ()) -> None:
     """``results.md``: a title, the summary table, then provenance (commands, machines, dates) and notes."""
     commands = sorted({r.get("command", "") for r in rows if r.get("command")})
+    # a row gets its machine when it is timed; untimed rows (a grid still running) name none
     machines = sorted({f"{r.get('machine', '')}; {r.get('device', '')}; torch {r.get('torch', '')}"
-                       for r in rows})
+                       for r in rows if r.get("machine")})
     dates = sorted(r.get("date", "") for r in rows if r.get("date"))
     text = [f"# {title}", ""]
     for note in notes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -86,7 +87,39 @@ def test_grid_writes_csv_md_and_plots(grid):
         assert (out / png).stat().st_size > 1000
     curves = res.read_rows(out / "curves.csv")
     assert {c["iter"] for c in curves} == {"2", "4"}  # val_every 2 over 4 iterations, per algorithm
+    # pseudo-label quality during training: one point per validation window, for fixmatch's one edge only
+    diag = res.read_rows(out / "diagnostic_curves.csv")
+    assert {(d["algo"], d["edge"], d["iter"]) for d in diag} == {("fixmatch", "strong", "2"),
+                                                                  ("fixmatch", "strong", "4")}
+    assert all(0 <= float(d[m]) <= 1 for d in diag for m in ("acc_all", "kept"))  # acc_kept: none kept, none
+    assert (out / "pseudo_labels.png").stat().st_size > 1000
     assert (out / ".gitignore").read_text().count("runs/") == 1
+
+
+def test_diagnostic_curve_averages_each_window_and_the_last_entry_of_a_resume_wins(tmp_path):
+    logs = [{"iter": 1, "loss": 1.0, "diag/e/acc_kept": 0.5, "diag/e/kept": 0.2},
+            {"iter": 2, "loss": 1.0, "diag/e/acc_kept": 0.1, "diag/e/kept": 0.4},
+            {"iter": 2, "val/dice": 0.3},  # a validation entry: no diagnostics
+            {"iter": 2, "loss": 1.0, "diag/e/acc_kept": 0.7, "diag/e/kept": 0.6},  # logged again after a resume
+            {"iter": 3, "loss": 1.0, "diag/e/acc_kept": float("nan"), "diag/e/kept": 1.0,
+             "diag/f/dice_kept": 0.25}]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in logs))
+    points = runner.diagnostic_curve(metrics, window=2)
+    assert points == [{"iter": 2, "edge": "e", "acc_kept": pytest.approx(0.6), "kept": pytest.approx(0.4)},
+                      {"iter": 4, "edge": "e", "kept": 1.0}, {"iter": 4, "edge": "f", "dice_kept": 0.25}]
+
+
+def test_a_rerun_backfills_missing_diagnostic_curves_from_the_run_directories(grid, tmp_path, monkeypatch):
+    out, _ = grid
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("results.csv", "curves.csv", "diagnostics.csv"):
+        (copy / name).write_text((out / name).read_text())
+    _no_training(monkeypatch)
+    runner.run_bench(tiny_preset(), copy, runs_dir=out / "runs", quiet=True, command="again")
+    assert res.read_rows(copy / "diagnostic_curves.csv") == res.read_rows(out / "diagnostic_curves.csv")
+    assert (copy / "pseudo_labels.png").is_file()
 
 
 def test_rerun_skips_finished_runs(grid, monkeypatch):

@@ -1,5 +1,6 @@
 """The bench's outputs: ``results.csv`` (one row per run), ``curves.csv`` (validation Dice during training),
-``results.md`` (mean +- std over seeds, best in bold) and the plots ``dice_vs_iter.png`` / ``ms_per_iter.png``.
+``results.md`` (mean +- std over seeds, best in bold), ``diagnostics.csv`` / ``diagnostic_curves.csv`` (pseudo-label
+quality at the end of and during training) and the plots.
 
 Every file is rewritten whole through a temporary file and a rename after each run, so an interrupted bench
 never leaves half a row behind, and results from several machines or days merge by row key.
@@ -23,6 +24,7 @@ TAIL = ("val_last_dice", "val_best_dice", "val_best_iter", "ms_per_iter", "ms_pe
 CURVE_COLUMNS = KEY + ("iter", "val_dice")
 DIAG_METRICS = ("acc_kept", "acc_all", "dice_kept", "kept")
 DIAG_COLUMNS = KEY + ("edge",) + DIAG_METRICS
+DIAG_CURVE_COLUMNS = KEY + ("iter", "edge") + DIAG_METRICS
 
 # (column, heading, higher is better, scale, decimals) of the Markdown summary; per-class Dice is added per file
 MD_METRICS = [
@@ -148,6 +150,15 @@ def diagnostics_table(rows: Sequence[dict[str, Any]]) -> str:
             cells.append(_fmt_stat(mean_std(r.get(m) for r in rs), 100.0, 1))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def replace_diagnostic_curve(path: str | Path, key: tuple[str, ...], points: Sequence[dict[str, Any]]) -> None:
+    """Set one run's pseudo-label diagnostics during training (``{iter, edge, acc_kept, ...}`` points) in
+    ``diagnostic_curves.csv``."""
+    rows = [r for r in read_rows(path) if row_key(r) != key]
+    rows += [dict(zip(KEY, key)) | dict(p) for p in points]
+    if rows or Path(path).exists():
+        write_rows(path, rows, DIAG_CURVE_COLUMNS)
 
 
 def replace_curve(path: str | Path, key: tuple[str, ...], points: Sequence[tuple[int, float]]) -> None:
@@ -387,6 +398,45 @@ def plot_dice_vs_time(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
             t = [sum(m for m, _ in by_iter[i]) / len(by_iter[i]) for i in its]
             _band(ax, t, [[d for _, d in by_iter[i]] for i in its], algo)
         _finish_axes(ax, f"{preset}: {labeled} labeled, {iterations} iterations", "training time (min)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_pseudo_labels(path: str | Path, curves: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> None:
+    """Pseudo-label quality during training, one line per algorithm (mean over its edges, then over seeds): the
+    foreground Dice of the targets on the pixels they keep (left) and the share of pixels kept (right), one row
+    of panels per labeled split. It tells a method whose targets improve from one that agrees with itself."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = {row_key(r) for r in rows}
+    curves = [c for c in curves if row_key(c) in finished]
+    blocks = _blocks(curves) or [("", "", "0")]
+    panels = (("dice_kept", "target foreground Dice, kept pixels"), ("kept", "pixels kept"))
+    fig, axes = plt.subplots(len(blocks), 2, figsize=(12.8, 3.6 * len(blocks)), squeeze=False)
+    for axs, (preset, labeled, iterations) in zip(axes, blocks):
+        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == (preset, labeled, iterations)]
+        for ax, (metric, ylabel) in zip(axs, panels):
+            for algo in dict.fromkeys(c["algo"] for c in sel):
+                # per seed and iteration: the mean over the algorithm's edges; then the band over seeds
+                per_run: dict[tuple[str, int], list[float]] = {}
+                for c in sel:
+                    if c["algo"] == algo and math.isfinite(to_float(c.get(metric))):
+                        per_run.setdefault((c["seed"], int(float(c["iter"]))), []).append(to_float(c[metric]))
+                by_iter: dict[int, list[float]] = {}
+                for (_, it), vs in per_run.items():
+                    by_iter.setdefault(it, []).append(sum(vs) / len(vs))
+                its = sorted(by_iter)
+                if its:
+                    _band(ax, its, [by_iter[i] for i in its], algo)
+            ax.set(title=f"{preset}: {labeled} labeled, {iterations} iterations", xlabel="iteration",
+                   ylabel=f"{ylabel} (mean ± std over seeds)", ylim=(0, 1))
+            ax.grid(alpha=0.3)
+        if axs[1].get_legend_handles_labels()[0]:
+            axs[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

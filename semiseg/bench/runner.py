@@ -177,6 +177,29 @@ def _val_curve(metrics: Path) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+def diagnostic_curve(metrics: Path, window: int) -> list[dict[str, Any]]:
+    """Each pseudo-label edge's diagnostics during training from a run's metrics.jsonl: the logged values averaged
+    over windows of ``window`` iterations, each point at its window's end (a resumed run's last entry per
+    iteration wins)."""
+    from semiseg.engine.progress import read_metrics
+
+    logged = {int(r["iter"]): r for r in read_metrics(metrics) if "loss" in r and "iter" in r}
+    sums: dict[tuple[int, str], dict[str, list[float]]] = {}
+    for it, r in logged.items():
+        end = -(-it // window) * window
+        for k, v in r.items():
+            if k.startswith("diag/") and v is not None and math.isfinite(float(v)):
+                _, edge, metric = k.split("/", 2)
+                sums.setdefault((end, edge), {}).setdefault(metric, []).append(float(v))
+    return [{"iter": end, "edge": edge, **{m: sum(v) / len(v) for m, v in ms.items()}}
+            for (end, edge), ms in sorted(sums.items())]
+
+
+def _diagnostic_window(cfg: TrainConfig) -> int:
+    # one point per validation, so the pseudo-label curves line up with the validation Dice curves
+    return int(cfg.val_every) if cfg.val_every else max(1, int(cfg.iterations) // 10)
+
+
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in str(name).lower()).strip("_") or "class"
 
@@ -256,6 +279,7 @@ def train_cell(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, comman
     )
     row["_curve"] = curve
     row["_diagnostics"] = final_diagnostics(run_dir / "metrics.jsonl")
+    row["_diagnostic_curve"] = diagnostic_curve(run_dir / "metrics.jsonl", _diagnostic_window(cfg))
     return row
 
 
@@ -339,6 +363,9 @@ def write_reports(out: Path, title: str, notes: Sequence[str] = ()) -> list[dict
         res.plot_dice_vs_iter(out / "dice_vs_iter.png", curves, rows)
         res.plot_dice_vs_time(out / "dice_vs_time.png", curves, rows)
         res.plot_ms_per_iter(out / "ms_per_iter.png", rows)
+        diag_curves = res.read_rows(out / "diagnostic_curves.csv")
+        if diag_curves:
+            res.plot_pseudo_labels(out / "pseudo_labels.png", diag_curves, rows)
     return rows
 
 
@@ -452,6 +479,7 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
     # committed rows count only where asked: a fresh --out runs the user's own grid on the user's machine
     copied = _take_over_committed(preset, specs, out, done) if reuse else []
     todo = [s for s in specs if s not in skipped and s not in copied]
+    _backfill_diagnostic_curves(preset, skipped, out, runs, data_root, device, plugins)
     title = f"Benchmark `{preset.name}`"
     notes = preset_notes(preset)
     given = {"iterations": iterations, "data root": data_root, "device": device, "threads": threads,
@@ -472,9 +500,11 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
 
         def finish(spec: RunSpec, row: dict[str, Any]) -> None:
             curve, diag = row.pop("_curve"), row.pop("_diagnostics", {})
+            diag_curve = row.pop("_diagnostic_curve", [])
             res.upsert_rows(out / "results.csv", [row])
             res.replace_curve(out / "curves.csv", spec.key(preset.name), curve)
             res.replace_diagnostics(out / "diagnostics.csv", spec.key(preset.name), diag)
+            res.replace_diagnostic_curve(out / "diagnostic_curves.csv", spec.key(preset.name), diag_curve)
             write_reports(out, title, notes)
             result.ran.append(spec)
             view.advance()
@@ -510,6 +540,20 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
                 write_reports(out, title, notes)
     result.rows = res.read_rows(out / "results.csv")
     return result
+
+
+def _backfill_diagnostic_curves(preset: Preset, specs: Sequence[RunSpec], out: Path, runs: Path,
+                                data_root: str | None, device: str | None, plugins: Sequence[str]) -> None:
+    """Diagnostic curves of finished rows that lack them (recorded before the curves were, or trained by a
+    scheduler from --print-commands), read from their run directories where those still exist."""
+    have = {res.row_key(r) for r in res.read_rows(out / "diagnostic_curves.csv")}
+    for spec in specs:
+        metrics = runs / spec.dirname / "metrics.jsonl"
+        if spec.key(preset.name) in have or not metrics.is_file():
+            continue
+        window = _diagnostic_window(run_config(preset, spec, runs / spec.dirname, data_root, device, plugins))
+        res.replace_diagnostic_curve(out / "diagnostic_curves.csv", spec.key(preset.name),
+                                     diagnostic_curve(metrics, window))
 
 
 def grid_commands(preset: Preset | str, out: str | Path | None = None, algos: Sequence[str] | None = None,

@@ -415,7 +415,7 @@ def plot_pseudo_labels(path: str | Path, curves: Sequence[dict[str, Any]], rows:
     finished = {row_key(r) for r in rows}
     curves = [c for c in curves if row_key(c) in finished]
     blocks = _blocks(curves) or [("", "", "0")]
-    panels = (("dice_kept", "target foreground Dice, kept pixels"), ("kept", "pixels kept"))
+    panels = (("dice_kept", "targets' foreground Dice (kept pixels)"), ("kept", "share of pixels kept"))
     fig, axes = plt.subplots(len(blocks), 2, figsize=(12.8, 3.6 * len(blocks)), squeeze=False)
     for axs, (preset, labeled, iterations) in zip(axes, blocks):
         sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == (preset, labeled, iterations)]
@@ -432,8 +432,8 @@ def plot_pseudo_labels(path: str | Path, curves: Sequence[dict[str, Any]], rows:
                 its = sorted(by_iter)
                 if its:
                     _band(ax, its, [by_iter[i] for i in its], algo)
-            ax.set(title=f"{preset}: {labeled} labeled, {iterations} iterations", xlabel="iteration",
-                   ylabel=f"{ylabel} (mean ± std over seeds)", ylim=(0, 1))
+            ax.set(title=f"{preset}, {labeled} labeled: {ylabel}", xlabel="iteration",
+                   ylabel="mean ± std over seeds", ylim=(0, 1))
             ax.grid(alpha=0.3)
         if axs[1].get_legend_handles_labels()[0]:
             axs[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))

@@ -153,3 +153,39 @@ def test_stage_schedule_restarts_at_the_stage_and_fresh_optimizer(tmp_path, fres
     before = t.optimizer
     t.fit()
     assert (t.optimizer is not before) == fresh
+
+
+# -- schedules the official codes time for their own length ------------------------------------------------------
+@pytest.mark.parametrize("algo, dim, iterations, opts, expected", [
+    ("meanteacher", 2, 1200, {}, "--opt rampup_every=6 compresses"),  # 150 x 1200 / 30 000
+    ("em", 2, 1200, {}, "--opt rampup_every=6 compresses"),
+    ("cps", 2, 1200, {}, "--opt rampup_every=6 compresses"),
+    ("uamt", 3, 120, {}, "--opt rampup_every=3 compresses"),  # LA: 150 x 120 / 6000
+    ("urpc", 2, 120, {}, "--opt rampup_every=1 --opt consistency_rampup=120 compresses"),  # 200 x 150 x 120 / 30 000
+    ("admt", 2, 1200, {}, "--opt consistency_rampup=2 compresses"),  # R also times its EMA: 50 x 1200 / 30 000
+    ("meanteacher", 2, 1200, {"rampup_every": 6, "consistency_start": 40}, None),
+    ("ict", 2, 30000, {}, None),  # the official length reaches the full weight
+    ("cct", 2, 21000, {}, None),  # sigmoid_rampup(20999 // 150, 200) = exp(-5 x 0.305^2) = 0.63: past half
+])
+def test_a_run_too_short_for_the_official_consistency_ramp_is_told_the_compressing_option(algo, dim, iterations,
+                                                                                          opts, expected):
+    from semiseg import registry
+
+    alg = registry.ALGORITHMS.get(algo)(**opts)
+    alg.setup(num_classes=4, dim=dim)
+    notes = alg.notes(iterations)
+    if expected is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith(f"{algo}: the consistency weight reaches only ")
+        assert f"this {iterations}-iteration run" in notes[0] and notes[0].endswith(
+            f"{expected} it by the same factor as the run.")
+
+
+def test_mean_teachers_late_start_and_the_ramp_reach_the_runs_notes(tmp_path):
+    cfg = TrainConfig(algo="meanteacher", backbone="unet", backbone_options={"width": 0.25}, data="synthetic",
+                      data_options={"dim": 2, "n_train": 8, "n_val": 2, "size": [32, 32], "num_classes": 2},
+                      patch_size=[32, 32], labeled=4, iterations=800, batch_size=2, out=str(tmp_path / "run"))
+    notes = Trainer(cfg, quiet=True).notes
+    assert any("--opt rampup_every=4" in n for n in notes)  # 150 x 800 / 30 000
+    assert any("starts at iteration 1000" in n and "--opt consistency_start=26" in n for n in notes)

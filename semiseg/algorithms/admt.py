@@ -54,6 +54,7 @@ from semiseg.algorithms.base import (
     Stage,
     StepContext,
     StepResult,
+    ramp_notes,
 )
 from semiseg.algorithms.losses import ce_loss, dice_loss, supervised_loss
 from semiseg.algorithms.meanteacher import train_mode
@@ -297,6 +298,10 @@ class ADMT(Algorithm):
         self._ends, self._gen = [], None
 
     # -- the step --------------------------------------------------------------------------------------------
+    def notes(self, iterations: int) -> list[str]:
+        # R also times the teachers' EMA (a copy of the student while t // 2 < R): the fix scales R itself
+        return ramp_notes(self, iterations, "consistency_rampup")
+
     def consistency_weight(self, iteration: int) -> float:
         """lambda(t) = consistency * sigmoid_rampup(t // 150, R)."""
         return self.consistency * sigmoid_rampup(iteration // self.rampup_every, self.consistency_rampup)

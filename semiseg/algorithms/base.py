@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from semiseg.schedules import sigmoid_rampup
+
 # What an algorithm can ask the loaders for (``Algorithm.needs``):
 #   "labeled"   -> x (B, C, *S), y (B, *S)
 #   "unlabeled" -> u_w: the weakly augmented unlabeled view
@@ -54,6 +56,30 @@ def ssl4mis_recipe(source: str, dim: int, **settings: Any) -> Recipe:
     batch = 12 if dim == 2 else 2
     return Recipe(source, {**OFFICIAL_SGD, "schedule": "poly", "iterations": 30000, "batch_size": batch,
                            "unlabeled_batch_size": batch, **settings})
+
+
+def ramp_notes(alg: Any, iterations: int, option: str = "rampup_every") -> list[str]:
+    """SSL4MIS's consistency ramp, sigmoid_rampup(t // rampup_every, consistency_rampup), is timed by each
+    official code for its own length. One line when a run of ``iterations`` ends before the ramp reaches half
+    its weight, naming the value that compresses the ramp by the run's share of the official length:
+    ``rampup_every`` (steps of fewer iterations) or, where the ramp length also times something else (AD-MT's
+    EMA), ``consistency_rampup``. ``alg`` has ``consistency_rampup``, ``rampup_every`` and an official recipe."""
+    rampup, every = float(alg.consistency_rampup), int(alg.rampup_every)
+    reached = sigmoid_rampup((iterations - 1) // every, rampup)
+    recipe = alg.official_recipe(alg.dim)
+    official = recipe.settings.get("iterations") if recipe is not None else None
+    if reached >= 0.5 or not official:
+        return []
+    share = iterations / official
+    if option == "consistency_rampup":
+        fix = f"--opt consistency_rampup={max(1, round(rampup * share))}"
+    elif every * share >= 1:
+        fix = f"--opt rampup_every={round(every * share)}"
+    else:
+        fix = f"--opt rampup_every=1 --opt consistency_rampup={max(1, round(rampup * every * share))}"
+    return [f"{alg.name}: the consistency weight reaches only {100 * reached:.1f} % of its full value by the end of "
+            f"this {iterations}-iteration run (its ramp is timed for the official {official} iterations); {fix} "
+            f"compresses it by the same factor as the run."]
 
 
 @dataclass(frozen=True)
@@ -177,6 +203,11 @@ class Algorithm(ABC):
 
     def stages(self, iterations: int) -> list[Stage]:
         return [Stage("train", iterations)]
+
+    def notes(self, iterations: int) -> list[str]:
+        """Lines for the user at the start of a run of ``iterations`` steps (printed and kept in summary.json),
+        e.g. a schedule of the official code that this run is too short to reach."""
+        return []
 
     @classmethod
     def official_recipe(cls, dim: int) -> Recipe | None:

@@ -38,6 +38,7 @@ from semiseg.algorithms.base import (
     Recipe,
     StepContext,
     StepResult,
+    ramp_notes,
     ssl4mis_recipe,
 )
 from semiseg.algorithms.losses import supervised_loss
@@ -125,6 +126,9 @@ class CCT(Algorithm):
         # official order: aux 1 FeatureNoise, aux 2 Dropout, aux 3 FeatureDropout
         self.perturbations = [feature_noise(noise_range), elementwise_dropout(dropout),
                               feature_dropout(drop_low, drop_high)]
+
+    def notes(self, iterations: int) -> list[str]:
+        return ramp_notes(self, iterations)
 
     def consistency_weight(self, iteration: int) -> float:
         """lambda(t) = 0.1 * sigmoid_rampup(t // 150, 200)."""

@@ -24,7 +24,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import PRIMARY, Network, Recipe, StepContext, StepResult, ssl4mis_recipe
+from semiseg.algorithms.base import (
+    PRIMARY,
+    Network,
+    Recipe,
+    StepContext,
+    StepResult,
+    ramp_notes,
+    ssl4mis_recipe,
+)
 from semiseg.algorithms.graph import Edge, GraphAlgorithm, Stream
 from semiseg.errors import ConfigError
 from semiseg.registry import register_algorithm
@@ -74,6 +82,9 @@ class CPS(GraphAlgorithm):
         result = super().step(model, batch, ctx)
         result.logs["consistency_weight"] = self.consistency_weight(ctx)
         return result
+
+    def notes(self, iterations: int) -> list[str]:
+        return ramp_notes(self, iterations)
 
     def consistency_weight(self, ctx: StepContext) -> float:
         """lambda(t) = consistency * sigmoid_rampup(t // 150, 200)."""

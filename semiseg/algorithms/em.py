@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from semiseg.algorithms.base import Algorithm, Recipe, StepContext, StepResult, ssl4mis_recipe
+from semiseg.algorithms.base import Algorithm, Recipe, StepContext, StepResult, ramp_notes, ssl4mis_recipe
 from semiseg.algorithms.losses import supervised_loss
 from semiseg.errors import ConfigError
 from semiseg.registry import register_algorithm
@@ -63,6 +63,9 @@ class EntropyMinimization(Algorithm):
                               f"unlabeled images) or 'unlabeled', got {entropy_on!r}.")
         self.consistency, self.consistency_rampup = consistency, consistency_rampup
         self.rampup_every, self.entropy_on = rampup_every, entropy_on
+
+    def notes(self, iterations: int) -> list[str]:
+        return ramp_notes(self, iterations)
 
     def consistency_weight(self, iteration: int) -> float:
         """lambda(t) = consistency * sigmoid_rampup(t // 150, rampup), as ``get_current_consistency_weight``."""

@@ -35,6 +35,7 @@ from semiseg.algorithms.base import (
     Recipe,
     StepContext,
     StepResult,
+    ramp_notes,
     ssl4mis_recipe,
 )
 from semiseg.algorithms.losses import masked_mse, supervised_loss
@@ -86,6 +87,9 @@ class ICT(Algorithm):
                               f"factors, must be > 0 (got {ict_alpha}; the official code uses 0.2).")
         self.consistency, self.consistency_rampup = consistency, consistency_rampup
         self.rampup_every, self.ict_alpha = rampup_every, ict_alpha
+
+    def notes(self, iterations: int) -> list[str]:
+        return ramp_notes(self, iterations)
 
     def consistency_weight(self, iteration: int) -> float:
         """w(t) = consistency * sigmoid_rampup(t // 150, rampup), as ``get_current_consistency_weight``."""

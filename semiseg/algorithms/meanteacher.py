@@ -27,6 +27,7 @@ from semiseg.algorithms.base import (
     Recipe,
     StepContext,
     StepResult,
+    ramp_notes,
     ssl4mis_recipe,
 )
 from semiseg.algorithms.losses import masked_mse, supervised_loss
@@ -98,6 +99,15 @@ class MeanTeacher(Algorithm):
         if iteration < self.consistency_start:
             return 0.0
         return self.consistency * sigmoid_rampup(iteration // self.rampup_every, self.consistency_rampup)
+
+    def notes(self, iterations: int) -> list[str]:
+        lines = ramp_notes(self, iterations)
+        if self.consistency_start >= iterations:
+            start = iterations * self.consistency_start // 30000  # the 2D script's 1000 of its 30 000 iterations
+            lines.append(f"{self.name}: the consistency term starts at iteration {self.consistency_start} (the "
+                         f"official 2D script's), after this {iterations}-iteration run ends; --opt "
+                         f"consistency_start={start} starts it at the same share of the run.")
+        return lines
 
     def noisy(self, u: torch.Tensor) -> torch.Tensor:
         return u + gaussian_noise(u, self.noise_std, self.noise_clip)

@@ -36,6 +36,7 @@ from semiseg.algorithms.base import (
     Recipe,
     StepContext,
     StepResult,
+    ramp_notes,
     ssl4mis_recipe,
 )
 from semiseg.algorithms.cct import feature_dropout, feature_noise
@@ -95,6 +96,9 @@ class URPC(Algorithm):
         super().setup(num_classes, dim)
         # the 2D script ramps over 200 "epochs" of 150 iterations, the 3D one over 400
         self.consistency_rampup = self._rampup if self._rampup is not None else (400.0 if dim == 3 else 200.0)
+
+    def notes(self, iterations: int) -> list[str]:
+        return ramp_notes(self, iterations)
 
     def consistency_weight(self, iteration: int) -> float:
         """lambda(t) = 0.1 * sigmoid_rampup(t // 150, 200 in 2D / 400 in 3D)."""

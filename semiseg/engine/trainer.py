@@ -218,6 +218,8 @@ class Trainer:
         if cfg.diagnostics and self.data.unlabeled_truth is None:
             self.note(f"--diagnostics: dataset '{self.data.name}' has no labels for its unlabeled images, so "
                       f"pseudo-labels cannot be scored; training goes on without diagnostics")
+        for text in self.algo.notes(self.total):  # e.g. a schedule timed for a longer run than this one
+            self.note(text)
         self.meta = {
             "algo": cfg.algo,
             "backbone": cfg.backbone if cfg.backbone != "auto" else ("vnet" if self.data.dim == 3 else "unet"),

@@ -110,6 +110,17 @@ def test_diagnostic_curve_averages_each_window_and_the_last_entry_of_a_resume_wi
                       {"iter": 4, "edge": "e", "kept": 1.0}, {"iter": 4, "edge": "f", "dice_kept": 0.25}]
 
 
+def test_final_diagnostics_average_the_last_steps_once_each_after_a_resume(tmp_path):
+    # iterations 1-4 logged, the run resumed from iteration 2 and logged 3-4 again with other values
+    logs = [{"iter": i, "loss": 1.0, "diag/e/kept": v} for i, v in ((1, 0.1), (2, 0.2), (3, 0.9), (4, 0.9))]
+    logs += [{"iter": 3, "val/dice": 0.5}]
+    logs += [{"iter": i, "loss": 1.0, "diag/e/kept": v} for i, v in ((3, 0.3), (4, 0.5))]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in logs))
+    # the last half of the 4 distinct steps: iterations 3 and 4 as logged after the resume
+    assert runner.final_diagnostics(metrics, share=0.5) == {"diag/e/kept": pytest.approx(0.4)}
+
+
 def test_a_rerun_backfills_missing_diagnostic_curves_from_the_run_directories(grid, tmp_path, monkeypatch):
     out, _ = grid
     copy = tmp_path / "copy"

@@ -335,10 +335,16 @@ def run_one(preset: Preset, spec: RunSpec, run_dir: Path, view: _View, command: 
 
 
 def final_diagnostics(metrics: Path, share: float = 0.2) -> dict[str, float]:
-    """Each pseudo-label diagnostic averaged over the last ``share`` of the logged training steps."""
+    """Each pseudo-label diagnostic averaged over the last ``share`` of the logged training steps (a resumed
+    run's last entry per iteration wins, so a window logged twice counts once)."""
     from semiseg.engine.progress import read_metrics
 
-    rows = [r for r in read_metrics(metrics) if "loss" in r]
+    by_iter: dict[Any, dict[str, Any]] = {}
+    for i, r in enumerate(read_metrics(metrics)):
+        if "loss" in r:
+            by_iter.pop(r.get("iter", ("line", i)), None)  # re-insert so the order is the latest logging order
+            by_iter[r.get("iter", ("line", i))] = r
+    rows = list(by_iter.values())
     rows = rows[-max(1, int(round(len(rows) * share))):] if rows else []
     sums: dict[str, list[float]] = {}
     for r in rows:

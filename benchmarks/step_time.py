@@ -1,5 +1,5 @@
-"""Seconds per training iteration of every algorithm at the issue's reference shapes (Table III timing:
-batch to device -> end of backward, after a warm-up), written to benchmarks/step_time.md.
+"""Seconds per training iteration of every algorithm at the reference shapes of the CrossMatch paper's
+Table III (its timing: batch to device -> end of backward, after a warm-up), written to benchmarks/step_time.md.
 
     python benchmarks/step_time.py [--warmup 2] [--iters 5]
 """

@@ -493,7 +493,9 @@ def _run_bench(preset: Preset | str, out: str | Path | None, algos: Sequence[str
              "timing": timing if timing and timing != preset.timing else None}
     used = [f"{k} {v}" for k, v in given.items() if v is not None]
     if used:
-        notes.append("Given on the command line, over the preset: " + ", ".join(used) + ".")
+        # the latest invocation only: a results folder can hold rows of several (each row keeps its command)
+        notes.append("The latest `semiseg bench` gave, over the preset: " + ", ".join(used)
+                     + ". The commands of all rows are listed at the end; the Iterations column tells blocks apart.")
     write_reports(out, title, notes)
     result = BenchResult(out=out, rows=[], skipped=skipped, copied=copied)
 

@@ -342,8 +342,9 @@ def final_diagnostics(metrics: Path, share: float = 0.2) -> dict[str, float]:
     by_iter: dict[Any, dict[str, Any]] = {}
     for i, r in enumerate(read_metrics(metrics)):
         if "loss" in r:
-            by_iter.pop(r.get("iter", ("line", i)), None)  # re-insert so the order is the latest logging order
-            by_iter[r.get("iter", ("line", i))] = r
+            key = r.get("iter", ("line", i))
+            by_iter.pop(key, None)  # re-inserted, so the order is the latest logging order
+            by_iter[key] = r
     rows = list(by_iter.values())
     rows = rows[-max(1, int(round(len(rows) * share))):] if rows else []
     sums: dict[str, list[float]] = {}

@@ -388,7 +388,7 @@ def test_only_the_active_teacher_moves_with_the_official_alpha():
             student[1].num_batches_tracked.add_(1)
         active = algo.active_teacher(t)
         assert algo.update_ema(TEACHER_A if active == TEACHER_B else TEACHER_B, t) is False
-        assert algo.update_ema(active, t) == admt_mod.ema_alpha(t, 3.0)
+        assert algo.update_ema(active, t) == admt_mod.ema_alpha(t, 3.0, decay=1.0)  # the engine caps it
         nets.update_emas(algo, t)
         official_update_ema_variables(student, ref[active], 0.99, t // 2, 3.0)
         for name in emas:
@@ -446,6 +446,24 @@ def test_training_lowers_the_loss_and_saves_three_networks(tmp_path):
     assert ck["algorithm"]["schedule_seed"] == t.algo.state_dict()["schedule_seed"]
     out = evaluate_run(tmp_path / "admt", split="val", save_pred=None, montage=0, network=TEACHER_B)
     assert out["network"] == TEACHER_B and 0.0 <= out["mean_dice"] <= 1.0
+
+
+def test_ema_decay_flag_caps_the_official_alpha(tmp_path):
+    """``--ema-decay`` (TrainConfig.ema_decay) reaches AD-MT's own rule: the active teacher moves with
+    min(official warm-up, decay), logged per step as ``ema/<teacher>``; the idle one logs nothing."""
+    opts = {"period": 3, "consistency_rampup": 1.0, "threshold": 0.6}
+    for decay in (None, 0.5):
+        c = cfg(tmp_path, f"decay-{decay}", iterations=10, val_every=10, ema_decay=decay, algo_options=opts)
+        t = Trainer(c, quiet=True)
+        t.fit()
+        for r in logged(c):
+            it = r["iter"] - 1
+            moved = [k for k in r if k.startswith("ema/")]
+            assert moved == [f"ema/{t.algo.active_teacher(it)}"]
+            cap = 0.99 if decay is None else decay
+            assert r[moved[0]] == pytest.approx(min(admt_mod.ema_alpha(it, 1.0, decay=1.0), cap))
+        # the last steps (t // 2 = 4, R = 1): 1 - 1/4 = 0.75, under 0.99, or the flag's 0.5
+        assert r[moved[0]] == pytest.approx(0.75 if decay is None else 0.5)
 
 
 def test_resume_restores_the_student_both_teachers_and_the_optimizer(tmp_path, monkeypatch):

@@ -281,10 +281,11 @@ class ADMT(Algorithm):
         return TEACHER_A if k % 2 == 0 else TEACHER_B
 
     def update_ema(self, name: str, iteration: int) -> bool | float:
-        """Only the active teacher moves, with the official alpha (not the engine's min(1 - 1/(t+1), decay))."""
+        """Only the active teacher moves, with the official warm-up (not the engine's min(1 - 1/(t+1), decay));
+        the engine caps it at the teachers' decay, ``ema_decay`` or ``--ema-decay`` where given."""
         if name != self.active_teacher(iteration):
             return False
-        return ema_alpha(iteration, self.consistency_rampup, self.ema_decay)
+        return ema_alpha(iteration, self.consistency_rampup, decay=1.0)
 
     def on_stage_start(self, stage: Stage, model: nn.Module, ctx: StepContext) -> None:
         # the schedule's seed is drawn before any step, where every distributed rank has the same generator
@@ -350,8 +351,7 @@ class ADMT(Algorithm):
         logs = {"loss/sup": float(sup.detach()), "loss/unsup": float(unsup.detach()), "consistency_weight": w,
                 "high_ratio": high_ratio, "conflict_ratio": float(conflict.float().mean()),
                 "teacher_b_active": float(active == TEACHER_B), "cutmix_area": mixed,
-                **{f"loss/{k}": float(v.detach()) for k, v in parts.items()},
-                "ema_alpha": ema_alpha(ctx.iteration, self.consistency_rampup, self.ema_decay)}
+                **{f"loss/{k}": float(v.detach()) for k, v in parts.items()}}
         keep = conf >= self.threshold
         return StepResult({"sup": sup, "unsup": w * unsup}, logs, {"unsup": PseudoLabel(label, keep, truth)})
 

@@ -198,7 +198,9 @@ class Algorithm(ABC):
     def update_ema(self, name: str, iteration: int) -> bool | float:
         """Whether the EMA network ``name`` follows its source after this step: True (with the network's own
         decay rule), False (not this step: AD-MT alternates two teachers), or a float, the weight ``a`` of the
-        teacher in ``a * teacher + (1 - a) * source`` for this step (an algorithm's own EMA rule)."""
+        teacher in ``a * teacher + (1 - a) * source`` for this step (an algorithm's own warm-up), which the
+        engine caps at the network's decay (``--ema-decay`` where given). The weight used is logged as
+        ``ema/<name>``."""
         return True
 
     def stages(self, iterations: int) -> list[Stage]:

@@ -111,13 +111,18 @@ class Networks:
             else:
                 optimizer.state.pop(p_dst, None)
 
-    def update_emas(self, algo: Algorithm, iteration: int) -> None:
+    def update_emas(self, algo: Algorithm, iteration: int) -> dict[str, float]:
+        """Moves the EMA networks after a step; returns the weight ``a`` each moved one gave its old value. The
+        network's decay (its spec's, or ``--ema-decay``) caps every rule, the default min(1 - 1/(t+1), decay)
+        as an algorithm's own warm-up (AD-MT), so ``--ema-decay`` reaches both."""
+        moved = {}
         for name, ema in self.emas.items():
             rule = algo.update_ema(name, iteration)
             if rule is False:
                 continue
-            # True: the network's own decay rule; a float: the algorithm's weight of the teacher for this step
-            ema.update(self.modules[self.specs[name].of], iteration, None if rule is True else float(rule))
+            alpha = None if rule is True else min(float(rule), ema.decay)
+            moved[name] = ema.update(self.modules[self.specs[name].of], iteration, alpha)
+        return moved
 
     def train(self) -> None:
         for m in self.trained().values():

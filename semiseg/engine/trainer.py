@@ -446,10 +446,10 @@ class Trainer:
                                      c.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.networks.update_emas(self.algo, it)
+        alphas = {f"ema/{name}": a for name, a in self.networks.update_emas(self.algo, it).items()}
         self.algo.on_step_end(self.model, ctx)
         diag = pseudo_label_stats(result.pseudo_labels, truth, self.data.num_classes)
-        return {"loss": float(loss.detach()), "lr": lr, **terms, **result.logs, **diag}
+        return {"loss": float(loss.detach()), "lr": lr, **terms, **result.logs, **alphas, **diag}
 
     def validate(self) -> dict[str, Any]:
         return validate(self.eval_model(), self.data, self.val_split, self.device,

@@ -208,6 +208,19 @@ def test_mean_std_aggregation_and_bold_best():
     assert "**2.00**" in line_b and "70.00" in line_b and "**70.00**" not in line_b  # best (lowest) HD95
 
 
+def test_seeds_table_lists_each_seed_and_marks_missing_ones(tmp_path):
+    rows = [{"preset": "p", "algo": a, "labeled": "3", "seed": str(s), "iterations": "10", "mean_dice": str(d)}
+            for a, s, d in (("a", 0, 0.5), ("a", 1, 0.7), ("a", 2, 0.6), ("b", 0, 0.4), ("b", 2, 0.45))]
+    md = res.seeds_table(rows)
+    assert md.splitlines()[0] == "| Algorithm | Labeled | Iterations | seed 0 | seed 1 | seed 2 | mean ± std |"
+    assert "| a | 3 | 10 | 50.0 | 70.0 | 60.0 | 60.0 ± 10.0 |" in md
+    assert "| b | 3 | 10 | 40.0 | – | 45.0 | 42.5 ± 3.5 |" in md  # seed 1 not run yet
+    res.write_markdown(tmp_path / "r.md", rows, "t")
+    assert "## Dice per seed" in (tmp_path / "r.md").read_text()
+    res.write_markdown(tmp_path / "one.md", rows[:1], "t")  # one seed: nothing to spread
+    assert "## Dice per seed" not in (tmp_path / "one.md").read_text()
+
+
 def test_bad_preset_name_lists_known():
     with pytest.raises(ConfigError) as e:
         get_preset("smok")

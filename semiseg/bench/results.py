@@ -258,6 +258,35 @@ def markdown_table(rows: Sequence[dict[str, Any]], class_names: dict[str, str] |
     return "\n".join(lines) + "\n"
 
 
+def seeds_table(rows: Sequence[dict[str, Any]], column: str = "mean_dice", scale: float = 100.0,
+                decimals: int = 1) -> str:
+    """One line per (preset, labeled, iterations, algorithm) with ``column`` on each seed of its block (``–``
+    where that seed has no row yet), then mean +- std: how far apart the seeds are, which a mean hides."""
+    groups = aggregate(rows, [column])
+    by_block: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for g in groups:
+        by_block.setdefault((g["preset"], g["labeled"], g["iterations"]), []).append(g)
+    seeds = sorted({s for g in groups for s in g["seeds"]})
+    values = {(row_key(r)[0], row_key(r)[2], row_key(r)[4], row_key(r)[1], int(float(r["seed"]))): to_float(
+        r.get(column)) for r in rows}
+    presets = {g["preset"] for g in groups}
+    headings = ["Algorithm", "Labeled", "Iterations"] + [f"seed {s}" for s in seeds] + ["mean ± std"]
+    if len(presets) > 1:
+        headings.insert(0, "Preset")
+    lines = ["| " + " | ".join(headings) + " |", "|" + "|".join(["---"] * len(headings)) + "|"]
+    for block in sorted(by_block, key=lambda b: (b[0], to_float(b[1]), int(b[2]))):
+        for g in by_block[block]:
+            cells = [g["algo"], g["labeled"], g["iterations"]]
+            for seed in seeds:
+                v = values.get((*block, g["algo"], seed), math.nan)
+                cells.append(f"{v * scale:.{decimals}f}" if math.isfinite(v) else "–")
+            cells.append(_fmt_stat(g["stats"][column], scale, decimals))
+            if len(presets) > 1:
+                cells.insert(0, g["preset"])
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def evaluation_rule(rows: Sequence[dict[str, Any]]) -> str:
     """Which split and checkpoint the rows' numbers come from, and how many surface distances they leave out."""
     splits = sorted({str(r.get("eval_split") or "?") for r in rows})
@@ -297,6 +326,9 @@ def write_markdown(path: str | Path, rows: Sequence[dict[str, Any]], title: str,
                 "GMACs: one backbone forward on the preset's batch and patch (thop's unit, Table III's "
                 "\"#Flops\").")
     text.append("")
+    if any(g["n"] > 1 for g in aggregate(rows, ["mean_dice"])):
+        text += ["## Dice per seed", "", "Mean Dice (%) of each seed's run, then mean ± sample std as above.", "",
+                 seeds_table(rows)]
     finished = {row_key(r) for r in rows}
     diagnostics = [d for d in diagnostics if row_key(d) in finished]
     if diagnostics:

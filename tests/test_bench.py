@@ -221,6 +221,27 @@ def test_seeds_table_lists_each_seed_and_marks_missing_ones(tmp_path):
     assert "## Dice per seed" not in (tmp_path / "one.md").read_text()
 
 
+def test_scaled_options_follow_a_shorter_grid(tmp_path):
+    """Options the preset counts in its own iterations are scaled by --iterations' share; others are not."""
+    p = parse_preset({**TINY, "iterations": 100, "algos": ["meanteacher", "admt"], "scaled_options": [
+        "rampup_every", "consistency_start", "consistency_rampup"], "algo_options": {
+        "meanteacher": {"rampup_every": 10, "consistency_start": 40, "consistency": 0.2},
+        "admt": {"consistency_rampup": 4.0}}}, "t", "test preset")
+    assert p.config("meanteacher", 2, 0, tmp_path).algo_options == {
+        "rampup_every": 10, "consistency_start": 40, "consistency": 0.2}  # the preset's own length
+    half = p.config("meanteacher", 2, 0, tmp_path, iterations=50)
+    assert half.iterations == 50
+    assert half.algo_options == {"rampup_every": 5, "consistency_start": 20, "consistency": 0.2}
+    assert p.config("meanteacher", 2, 0, tmp_path, iterations=1).algo_options["rampup_every"] == 1  # never 0
+    assert p.config("admt", 2, 0, tmp_path, iterations=25).algo_options == {"consistency_rampup": 1.0}
+    spec = runner.plan(p, iterations=50)[0]
+    cfg = runner.run_config(p, spec, tmp_path / "run")
+    assert (cfg.iterations, cfg.algo_options["rampup_every"]) == (50, 5)
+    with pytest.raises(ConfigError, match="set 'iterations'"):
+        parse_preset({k: v for k, v in {**TINY, "scaled_options": ["rampup_every"]}.items() if k != "iterations"},
+                     "t", "test preset")
+
+
 def test_bad_preset_name_lists_known():
     with pytest.raises(ConfigError) as e:
         get_preset("smok")

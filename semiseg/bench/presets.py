@@ -12,6 +12,11 @@ run of the grid (``data``, ``backbone``, ``iterations``, ``lr``...) plus the ben
     eval_split: valtest        # split the final evaluation uses (last checkpoint)
     eval_options: {stride: [18, 18, 4], empty: zero}   # passed to semiseg.evaluation.runs.evaluate_run
     timing: {warmup: 5, iters: 20}
+    scaled_options: [rampup_every]     # algo_options counted in iterations of the preset's `iterations`
+
+``scaled_options`` names the algorithm options that are lengths in iterations, set for the preset's own
+``iterations`` (a consistency ramp compressed to a short run, say). A grid run of another length (``semiseg
+bench --iterations N``) scales them by N / iterations, so a shorter try keeps the same schedule shape.
 
 The built-in presets live in the repository's ``benchmarks/presets`` folder; each file found there is
 registered in ``registry.PRESETS`` under its file name. A relative ``data_root`` is resolved against the
@@ -37,7 +42,7 @@ PRESET_DIR = REPO_ROOT / "benchmarks" / "presets"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 BENCH_KEYS = ("name", "description", "algos", "algo_options", "seeds", "labeled", "eval_split", "eval_options",
-              "timing")
+              "timing", "scaled_options")
 PER_RUN_KEYS = ("algo", "seed", "out")
 EVAL_OPTIONS = ("stride", "empty", "spacing", "max_cases", "montage")
 
@@ -57,6 +62,7 @@ class Preset:
     timing: dict[str, int] = field(default_factory=lambda: {"warmup": 5, "iters": 20})
     description: str = ""
     path: str | None = None
+    scaled_options: list[str] = field(default_factory=list)  # algo_options counted in the preset's iterations
 
     def resolve_algos(self) -> list[str]:
         """The grid's rows: ``all`` (alone or as an entry of the list) stands for every registered algorithm, so
@@ -67,13 +73,18 @@ class Preset:
             out += registry.ALGORITHMS.names() if n == "all" else [n]
         return list(dict.fromkeys(out))
 
-    def config(self, algo: str, labeled: float | None, seed: int, out: str | Path) -> TrainConfig:
+    def config(self, algo: str, labeled: float | None, seed: int, out: str | Path,
+               iterations: int | None = None) -> TrainConfig:
         """The TrainConfig of one run of the grid. A row name ``algo@variant`` trains the registered ``algo``
         with the options given for ``algo`` and then for ``algo@variant`` (e.g. ``crossmatch@official`` with
-        ``algo_options: {crossmatch@official: {plan: official}}``), so one algorithm can fill several rows."""
+        ``algo_options: {crossmatch@official: {plan: official}}``), so one algorithm can fill several rows.
+        ``iterations`` other than the preset's scales the ``scaled_options``."""
         base = algo_name(algo)
         opts = {**self.algo_options.get(base, {}), **(self.algo_options.get(algo, {}) if algo != base else {})}
         d = dict(self.train)
+        if iterations is not None and int(iterations) != int(d.get("iterations", iterations)):
+            opts = scale_options(opts, self.scaled_options, int(iterations) / int(d["iterations"]))
+            d["iterations"] = int(iterations)
         d.update(algo=base, seed=int(seed), out=str(out), algo_options=opts)
         if labeled is not None:
             d["labeled"] = labeled
@@ -81,6 +92,18 @@ class Preset:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def scale_options(opts: dict[str, Any], names: list[str], factor: float) -> dict[str, Any]:
+    """``opts`` with the options in ``names`` multiplied by ``factor``: integers rounded and kept at least 1
+    where they were, floats as they come."""
+    out = dict(opts)
+    for k in names:
+        v = out.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out[k] = (max(1, round(v * factor)) if v >= 1 else v) if isinstance(v, int) else v * factor
+    return out
 
 
 def algo_name(row: str) -> str:
@@ -140,10 +163,14 @@ def parse_preset(d: dict[str, Any], name: str, source: str, base: Path | None = 
         raise ConfigError(f"{source}: 'timing' must be {{warmup: N >= 0, iters: N >= 1}}, got {timing}.")
     if not seeds:
         raise ConfigError(f"{source}: 'seeds' is empty; list at least one seed.")
+    scaled = [str(k) for k in _as_list(d.get("scaled_options") or [], "scaled_options", source)]
+    if scaled and "iterations" not in train:
+        raise ConfigError(f"{source}: 'scaled_options' are lengths in iterations of the preset's own run; set "
+                          f"'iterations' in the preset too.")
     return Preset(name=str(d.get("name") or name), train=train, algos=algos, algo_options=algo_options,
                   seeds=seeds, labeled=labeled, eval_split=str(d.get("eval_split", "test")),
                   eval_options=eval_options, timing={k: int(v) for k, v in timing.items()},
-                  description=str(d.get("description", "")), path=None)
+                  description=str(d.get("description", "")), path=None, scaled_options=scaled)
 
 
 def load_preset_file(path: str | Path, base: Path | None = None) -> Preset:

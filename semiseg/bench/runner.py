@@ -206,8 +206,7 @@ def _slug(name: str) -> str:
 
 def run_config(preset: Preset, spec: RunSpec, run_dir: Path, data_root: str | None = None,
                device: str | None = None, plugins: Sequence[str] = ()) -> TrainConfig:
-    cfg = preset.config(spec.algo, spec.labeled, spec.seed, run_dir)
-    cfg.iterations = spec.iterations
+    cfg = preset.config(spec.algo, spec.labeled, spec.seed, run_dir, iterations=spec.iterations)
     if data_root is not None:
         cfg.data_root = data_root
     if device is not None:

@@ -57,6 +57,13 @@ def test_algorithm_options_of_the_wrong_type(tmp_path):
     assert "algorithm 'crossmatch': 'threshold' must be float or None, got 'high'" in " ".join(r.output.split())
 
 
+def test_ema_decay_for_an_algorithm_without_an_ema_network_is_refused(tmp_path):
+    r = CliRunner().invoke(cli, ["train", "--algo", "fixmatch", "--ema-decay", "0.9", "--iterations", "1",
+                                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert "--ema-decay 0.9 has nothing to act on: fixmatch keeps no EMA network" in " ".join(r.output.split())
+
+
 def test_the_python_api_checks_the_same_way(tmp_path):
     with pytest.raises(ConfigError, match="--val-every 0 is out of range"):
         semiseg.train(val_every=0, out=tmp_path / "r")

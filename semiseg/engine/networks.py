@@ -159,6 +159,9 @@ def build_networks(algo: Algorithm, primary: nn.Module, primary_backbone: tuple[
     Trained networks after the first are built in declaration order, so each draws its own initialisation."""
     specs = dict(algo.networks())
     check_specs(specs, algo.name)
+    if ema_decay is not None and not any(s.role == "ema" for s in specs.values()):
+        raise ConfigError(f"--ema-decay {ema_decay} has nothing to act on: {algo.name} keeps no EMA network "
+                          f"({', '.join(specs)}); drop the flag.")
     modules: dict[str, nn.Module] = {}
     emas: dict[str, EMATeacher] = {}
     backbones: dict[str, tuple[str, dict[str, Any]]] = {}

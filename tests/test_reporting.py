@@ -54,6 +54,9 @@ def test_bench_markdown_names_split_checkpoint_and_missing_values(tmp_path):
     rule = evaluation_rule(rows)
     assert rule.startswith("split valtest, last checkpoint, empty masks: nan")
     assert "a seed 0: 4" in rule and "b seed 0" not in rule
+    longer = {**rows[0], "iterations": "20", "hd95_missing": "2"}  # a second block: each run named fully
+    rule = evaluation_rule(rows + [longer])
+    assert "a seed 0 (3 labeled, 10 it): 4" in rule and "a seed 0 (3 labeled, 20 it): 2" in rule
     write_markdown(tmp_path / "r.md", rows, "t")
     text = (tmp_path / "r.md").read_text()
     assert "Evaluated: split valtest, last checkpoint" in text and "medpy's definitions" in text

@@ -295,7 +295,11 @@ def evaluation_rule(rows: Sequence[dict[str, Any]]) -> str:
     text = f"split {', '.join(splits)}, {', '.join(ckpts)} checkpoint"
     if empties:
         text += f", empty masks: {', '.join(empties)}"
-    missing = [f"{r['algo']} seed {r['seed']}: {int(to_float(r['hd95_missing']))}" for r in rows
+    # several blocks (lengths or labeled splits) name each run fully; one block keeps it short
+    blocks = len({(row_key(r)[2], row_key(r)[4]) for r in rows}) > 1
+    missing = [f"{r['algo']} seed {r['seed']}"
+               + (f" ({fmt_labeled(r['labeled'])} labeled, {row_key(r)[4]} it)" if blocks else "")
+               + f": {int(to_float(r['hd95_missing']))}" for r in rows
                if math.isfinite(to_float(r.get("hd95_missing"))) and to_float(r.get("hd95_missing")) > 0]
     if missing:
         text += ("; HD95/ASD means leave out the values of one-sided empty masks (" + "; ".join(missing)

@@ -204,6 +204,14 @@ def aggregate(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = No
     return out
 
 
+def by_block(groups: Sequence[dict[str, Any]]) -> list[tuple[tuple[str, str, str], list[dict[str, Any]]]]:
+    """``aggregate``'s entries grouped by (preset, labeled, iterations), blocks in preset, split, length order."""
+    blocks: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for g in groups:
+        blocks.setdefault((g["preset"], g["labeled"], g["iterations"]), []).append(g)
+    return sorted(blocks.items(), key=lambda kv: (kv[0][0], to_float(kv[0][1]), int(kv[0][2])))
+
+
 def _fmt_stat(stat: tuple[float, float, int], scale: float, decimals: int) -> str:
     m, s, n = stat
     if n == 0:
@@ -231,11 +239,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], class_names: dict[str, str] |
     if len(presets) > 1:
         headings.insert(0, "Preset")
     lines = ["| " + " | ".join(headings) + " |", "|" + "|".join(["---"] * len(headings)) + "|"]
-    by_block: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for g in groups:
-        by_block.setdefault((g["preset"], g["labeled"], g["iterations"]), []).append(g)
-    for block in sorted(by_block, key=lambda b: (b[0], to_float(b[1]), int(b[2]))):
-        gs = by_block[block]
+    for _, gs in by_block(groups):
         best: dict[str, float] = {}
         for col, _, higher, scale, dec in metrics + MD_COST:
             vals = [g["stats"][col][0] for g in gs if g["stats"][col][2] > 0]
@@ -263,9 +267,6 @@ def seeds_table(rows: Sequence[dict[str, Any]], column: str = "mean_dice", scale
     """One line per (preset, labeled, iterations, algorithm) with ``column`` on each seed of its block (``–``
     where that seed has no row yet), then mean +- std: how far apart the seeds are, which a mean hides."""
     groups = aggregate(rows, [column])
-    by_block: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for g in groups:
-        by_block.setdefault((g["preset"], g["labeled"], g["iterations"]), []).append(g)
     seeds = sorted({s for g in groups for s in g["seeds"]})
     values = {(row_key(r)[0], row_key(r)[2], row_key(r)[4], row_key(r)[1], int(float(r["seed"]))): to_float(
         r.get(column)) for r in rows}
@@ -274,8 +275,8 @@ def seeds_table(rows: Sequence[dict[str, Any]], column: str = "mean_dice", scale
     if len(presets) > 1:
         headings.insert(0, "Preset")
     lines = ["| " + " | ".join(headings) + " |", "|" + "|".join(["---"] * len(headings)) + "|"]
-    for block in sorted(by_block, key=lambda b: (b[0], to_float(b[1]), int(b[2]))):
-        for g in by_block[block]:
+    for block, gs in by_block(groups):
+        for g in gs:
             cells = [g["algo"], g["labeled"], g["iterations"]]
             for seed in seeds:
                 v = values.get((*block, g["algo"], seed), math.nan)

@@ -221,6 +221,25 @@ def test_seeds_table_lists_each_seed_and_marks_missing_ones(tmp_path):
     assert "## Dice per seed" not in (tmp_path / "one.md").read_text()
 
 
+def test_an_algorithm_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    # block 10 has only b and c, block 20 all three: a reader compares b across the panels by its colour
+    rows = [{"preset": "p", "algo": a, "labeled": "3", "seed": "0", "iterations": it, "ms_per_iter": "5"}
+            for a, it in (("b", "10"), ("c", "10"), ("a", "20"), ("b", "20"), ("c", "20"))]
+    curves = [{**r, "iter": str(i), "val_dice": str(0.1 * i)} for r in rows for i in (1, 2)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    res.plot_dice_vs_iter(tmp_path / "i.png", curves, rows)
+    res.plot_dice_vs_time(tmp_path / "t.png", curves, rows)
+    for fig in figures:
+        panels = [{ln.get_label(): ln.get_color() for ln in ax.get_lines()} for ax in fig.axes]
+        assert sorted(panels[0]) == ["b", "c"] and sorted(panels[1]) == ["a", "b", "c"]
+        assert panels[0]["b"] == panels[1]["b"] and panels[0]["c"] == panels[1]["c"]
+        assert len(set(panels[1].values())) == 3
+        assert [ax.get_title() for ax in fig.axes] == ["p: 3 labeled, 10 iterations", "p: 3 labeled, 20 iterations"]
+
+
 def test_scaled_options_follow_a_shorter_grid(tmp_path):
     """Options the preset counts in its own iterations are scaled by --iterations' share; others are not."""
     p = parse_preset({**TINY, "iterations": 100, "algos": ["meanteacher", "admt"], "scaled_options": [

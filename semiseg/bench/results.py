@@ -358,14 +358,29 @@ def _blocks(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return sorted(keys, key=lambda b: (b[0], to_float(b[1]), int(b[2])))
 
 
-def _band(ax: Any, xs: Sequence[float], values: Sequence[Sequence[float]], label: str) -> None:
+def _block_title(block: tuple[str, str, str]) -> str:
+    preset, labeled, iterations = block
+    return f"{preset}: {labeled} labeled, {iterations} iterations"
+
+
+def algo_colors(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One colour per algorithm, the same in every panel and every plot of a results folder (in sorted name
+    order, so a new block or seed never repaints a line)."""
+    import matplotlib
+
+    algos = sorted({r["algo"] for r in rows})
+    cmap = matplotlib.colormaps["tab10" if len(algos) <= 10 else "tab20"]
+    return {a: cmap(i % cmap.N) for i, a in enumerate(algos)}
+
+
+def _band(ax: Any, xs: Sequence[float], values: Sequence[Sequence[float]], label: str, color: Any) -> None:
     """One algorithm's line: the mean over seeds at each x, with a +- std band."""
     stats = [mean_std(v) for v in values]
     mean = [s[0] for s in stats]
     std = [s[1] if math.isfinite(s[1]) else 0.0 for s in stats]
-    (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=label)
+    ax.plot(xs, mean, marker="o", markersize=3, label=label, color=color)
     ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                    color=line.get_color(), alpha=0.15, linewidth=0)
+                    color=color, alpha=0.15, linewidth=0)
 
 
 def _finish_axes(ax: Any, title: str, xlabel: str) -> None:
@@ -385,18 +400,18 @@ def plot_dice_vs_iter(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
     finished = {row_key(r) for r in rows}
     curves = [c for c in curves if row_key(c) in finished]
     blocks = _blocks(rows) or [("", "", "0")]
+    colors = algo_colors(rows)
     fig, axes = plt.subplots(1, len(blocks), figsize=(6.4 * len(blocks), 3.6), squeeze=False)
-    for ax, (preset, labeled, iterations) in zip(axes[0], blocks):
-        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == (preset, labeled, iterations)]
-        algos = list(dict.fromkeys(c["algo"] for c in sel))
-        for algo in algos:
+    for ax, block in zip(axes[0], blocks):
+        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == block]
+        for algo in sorted({c["algo"] for c in sel}):
             by_iter: dict[int, list[float]] = {}
             for c in sel:
                 if c["algo"] == algo and math.isfinite(to_float(c["val_dice"])):
                     by_iter.setdefault(int(float(c["iter"])), []).append(to_float(c["val_dice"]))
             its = sorted(by_iter)
-            _band(ax, its, [by_iter[i] for i in its], algo)
-        _finish_axes(ax, f"{preset}: {labeled} labeled, {iterations} iterations", "iteration")
+            _band(ax, its, [by_iter[i] for i in its], algo, colors[algo])
+        _finish_axes(ax, _block_title(block), "iteration")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -421,11 +436,12 @@ def plot_dice_vs_time(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
 
     per_iter = {row_key(r): minutes_per_iter(r) for r in rows}
     blocks = _blocks(rows) or [("", "", "0")]
+    colors = algo_colors(rows)
     fig, axes = plt.subplots(1, len(blocks), figsize=(6.4 * len(blocks), 3.8), squeeze=False)
-    for ax, (preset, labeled, iterations) in zip(axes[0], blocks):
-        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == (preset, labeled, iterations)
+    for ax, block in zip(axes[0], blocks):
+        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == block
                and math.isfinite(per_iter.get(row_key(c), math.nan))]
-        for algo in dict.fromkeys(c["algo"] for c in sel):
+        for algo in sorted({c["algo"] for c in sel}):
             by_iter: dict[int, list[tuple[float, float]]] = {}
             for c in sel:
                 if c["algo"] == algo and math.isfinite(to_float(c["val_dice"])):
@@ -433,8 +449,8 @@ def plot_dice_vs_time(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
                     by_iter.setdefault(it, []).append((it * per_iter[row_key(c)], to_float(c["val_dice"])))
             its = sorted(by_iter)
             t = [sum(m for m, _ in by_iter[i]) / len(by_iter[i]) for i in its]
-            _band(ax, t, [[d for _, d in by_iter[i]] for i in its], algo)
-        _finish_axes(ax, f"{preset}: {labeled} labeled, {iterations} iterations", "training time (min)")
+            _band(ax, t, [[d for _, d in by_iter[i]] for i in its], algo, colors[algo])
+        _finish_axes(ax, _block_title(block), "training time (min)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -452,12 +468,13 @@ def plot_pseudo_labels(path: str | Path, curves: Sequence[dict[str, Any]], rows:
     finished = {row_key(r) for r in rows}
     curves = [c for c in curves if row_key(c) in finished]
     blocks = _blocks(curves) or [("", "", "0")]
+    colors = algo_colors(rows)
     panels = (("dice_kept", "targets' foreground Dice (kept pixels)"), ("kept", "share of pixels kept"))
     fig, axes = plt.subplots(len(blocks), 2, figsize=(12.8, 3.6 * len(blocks)), squeeze=False)
-    for axs, (preset, labeled, iterations) in zip(axes, blocks):
-        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == (preset, labeled, iterations)]
+    for axs, block in zip(axes, blocks):
+        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == block]
         for ax, (metric, ylabel) in zip(axs, panels):
-            for algo in dict.fromkeys(c["algo"] for c in sel):
+            for algo in sorted({c["algo"] for c in sel}):
                 # per seed and iteration: the mean over the algorithm's edges; then the band over seeds
                 per_run: dict[tuple[str, int], list[float]] = {}
                 for c in sel:
@@ -468,8 +485,8 @@ def plot_pseudo_labels(path: str | Path, curves: Sequence[dict[str, Any]], rows:
                     by_iter.setdefault(it, []).append(sum(vs) / len(vs))
                 its = sorted(by_iter)
                 if its:
-                    _band(ax, its, [by_iter[i] for i in its], algo)
-            ax.set(title=f"{preset}, {labeled} labeled: {ylabel}", xlabel="iteration",
+                    _band(ax, its, [by_iter[i] for i in its], algo, colors[algo])
+            ax.set(title=f"{_block_title(block)}:\n{ylabel}", xlabel="iteration",
                    ylabel="mean ± std over seeds", ylim=(0, 1))
             ax.grid(alpha=0.3)
         if axs[1].get_legend_handles_labels()[0]:
@@ -504,6 +521,8 @@ def plot_ms_per_iter(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
             errs.append(0.0 if not math.isfinite(s) else s)
         xs = [i + (b - (len(blocks) - 1) / 2) * width for i in range(len(algos))]
         label = f"{block[1]} labeled" + (f", {block[0]}" if len({bl[0] for bl in blocks}) > 1 else "")
+        if len({bl[2] for bl in blocks}) > 1:
+            label += f", {block[2]} iterations"
         bars = ax.bar(xs, means, width=width, yerr=errs, capsize=3, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=7, label_type="center", color="white")
     ax.set_xticks(range(len(algos)), algos, rotation=20)

@@ -221,6 +221,13 @@ def test_seeds_table_lists_each_seed_and_marks_missing_ones(tmp_path):
     assert "## Dice per seed" not in (tmp_path / "one.md").read_text()
 
 
+def test_the_recorded_command_keeps_no_private_runs_path():
+    from semiseg.bench.command import _command_line
+
+    ctx = bench.make_context("bench", ["--preset", "tiny", "--runs-dir", "/home/me/scratch/runs", "--jobs", "2"])
+    assert _command_line(ctx) == "semiseg bench --preset tiny --runs-dir RUNS --jobs 2"
+
+
 def test_an_algorithm_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
@@ -396,6 +403,7 @@ def test_print_commands_lists_exactly_the_remaining_cells_and_the_bench_merges_t
                                       (out / "results.csv").read_text().splitlines()[1] + "\n")
     commands = runner.grid_commands(tiny_preset(), part)
     assert len(commands) == 1 and "fixmatch-l2-s0-it4" in commands[0] and commands[0].startswith("semiseg train")
+    assert "configs/" in (part / ".gitignore").read_text().splitlines()  # this machine's paths: never committed
     # run it as a scheduler would, then the same bench records it without training again
     args = commands[0].split()[2:]
     from semiseg.cli import cli

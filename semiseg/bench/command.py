@@ -26,7 +26,9 @@ def _csv_list(text: str | None, kind: type, flag: str) -> list | None:
 
 
 def _command_line(ctx: click.Context) -> str:
-    """The command as typed (options given on the command line only), whatever called it."""
+    """The command as typed (options given on the command line only), whatever called it. ``--runs-dir`` is
+    written as RUNS: the runs' scratch folder decides nothing in a row, and its absolute path (a home folder,
+    a cluster's scratch) does not belong in results that get committed and shared."""
     args = ["semiseg", "bench"]
     for p in ctx.command.params:
         if ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE:
@@ -39,7 +41,7 @@ def _command_line(ctx: click.Context) -> str:
             elif p.secondary_opts:
                 args.append(p.secondary_opts[0])
         else:
-            args += [flag, str(v)]
+            args += [flag, "RUNS" if p.name == "runs_dir" else str(v)]
     return shlex.join(args)
 
 

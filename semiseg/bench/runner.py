@@ -423,16 +423,25 @@ def _take_over_committed(preset: Preset, specs: Sequence[RunSpec], out: Path,
     return [wanted[k] for k in keys]
 
 
+def _git_ignore(out: Path, entries: Sequence[str]) -> None:
+    """Add ``entries`` to the results folder's .gitignore (results.* and *.png are the record to commit)."""
+    gi = out / ".gitignore"
+    text = gi.read_text() if gi.exists() else ("# scratch of `semiseg bench`; results.* and *.png are the "
+                                               "record\n")
+    missing = [e for e in entries if e not in text.splitlines()]
+    if missing:
+        gi.parent.mkdir(parents=True, exist_ok=True)
+        gi.write_text(text + "".join(f"{e}\n" for e in missing))
+
+
 def _ignore_runs(out: Path, runs_dir: Path) -> None:
     """Keep the (large) run directories out of version control when they sit inside the results folder."""
     try:
         rel = runs_dir.resolve().relative_to(out.resolve())
     except ValueError:
         return
-    gi = out / ".gitignore"
-    if not gi.exists() and rel.parts:
-        gi.write_text(f"# run directories (checkpoints) of `semiseg bench`; results.* and *.png are the record\n"
-                      f"{rel.parts[0]}/\n.*.tmp\n")
+    if rel.parts:
+        _git_ignore(out, [f"{rel.parts[0]}/", ".*.tmp"])
 
 
 # -- the bench --------------------------------------------------------------------------------------------------
@@ -591,6 +600,8 @@ def grid_commands(preset: Preset | str, out: str | Path | None = None, algos: Se
         cfg.save(path)
         commands.append(shlex.join(["semiseg", "train", "--config", str(path), "--out", str(runs / spec.dirname),
                                     "--resume", "--quiet"]))
+    if commands:  # the configs name this machine's run folders: scheduler input, not a result to commit
+        _git_ignore(out, ["configs/"])
     return commands
 
 

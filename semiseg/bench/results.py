@@ -204,12 +204,22 @@ def aggregate(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = No
     return out
 
 
+def block_of(row: dict[str, Any]) -> tuple[str, str, str]:
+    """The block a row or curve point belongs to: (preset, labeled, iterations), normalised as in ``row_key``."""
+    k = row_key(row)
+    return k[0], k[2], k[4]
+
+
+def _block_order(block: tuple[str, str, str]) -> tuple[str, float, int]:
+    return block[0], to_float(block[1]), int(block[2])
+
+
 def by_block(groups: Sequence[dict[str, Any]]) -> list[tuple[tuple[str, str, str], list[dict[str, Any]]]]:
     """``aggregate``'s entries grouped by (preset, labeled, iterations), blocks in preset, split, length order."""
     blocks: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for g in groups:
         blocks.setdefault((g["preset"], g["labeled"], g["iterations"]), []).append(g)
-    return sorted(blocks.items(), key=lambda kv: (kv[0][0], to_float(kv[0][1]), int(kv[0][2])))
+    return sorted(blocks.items(), key=lambda kv: _block_order(kv[0]))
 
 
 def _fmt_stat(stat: tuple[float, float, int], scale: float, decimals: int) -> str:
@@ -268,8 +278,7 @@ def seeds_table(rows: Sequence[dict[str, Any]], column: str = "mean_dice", scale
     where that seed has no row yet), then mean +- std: how far apart the seeds are, which a mean hides."""
     groups = aggregate(rows, [column])
     seeds = sorted({s for g in groups for s in g["seeds"]})
-    values = {(row_key(r)[0], row_key(r)[2], row_key(r)[4], row_key(r)[1], int(float(r["seed"]))): to_float(
-        r.get(column)) for r in rows}
+    values = {(*block_of(r), r["algo"], int(float(r["seed"]))): to_float(r.get(column)) for r in rows}
     presets = {g["preset"] for g in groups}
     headings = ["Algorithm", "Labeled", "Iterations"] + [f"seed {s}" for s in seeds] + ["mean ± std"]
     if len(presets) > 1:
@@ -354,8 +363,7 @@ def write_markdown(path: str | Path, rows: Sequence[dict[str, Any]], title: str,
 
 # -- plots ----------------------------------------------------------------------------------------------------
 def _blocks(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    keys = {(row_key(r)[0], row_key(r)[2], row_key(r)[4]) for r in rows}
-    return sorted(keys, key=lambda b: (b[0], to_float(b[1]), int(b[2])))
+    return sorted({block_of(r) for r in rows}, key=_block_order)
 
 
 def _block_title(block: tuple[str, str, str]) -> str:
@@ -403,7 +411,7 @@ def plot_dice_vs_iter(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
     colors = algo_colors(rows)
     fig, axes = plt.subplots(1, len(blocks), figsize=(6.4 * len(blocks), 3.6), squeeze=False)
     for ax, block in zip(axes[0], blocks):
-        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == block]
+        sel = [c for c in curves if block_of(c) == block]
         for algo in sorted({c["algo"] for c in sel}):
             by_iter: dict[int, list[float]] = {}
             for c in sel:
@@ -439,8 +447,7 @@ def plot_dice_vs_time(path: str | Path, curves: Sequence[dict[str, Any]], rows: 
     colors = algo_colors(rows)
     fig, axes = plt.subplots(1, len(blocks), figsize=(6.4 * len(blocks), 3.8), squeeze=False)
     for ax, block in zip(axes[0], blocks):
-        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == block
-               and math.isfinite(per_iter.get(row_key(c), math.nan))]
+        sel = [c for c in curves if block_of(c) == block and math.isfinite(per_iter.get(row_key(c), math.nan))]
         for algo in sorted({c["algo"] for c in sel}):
             by_iter: dict[int, list[tuple[float, float]]] = {}
             for c in sel:
@@ -472,7 +479,7 @@ def plot_pseudo_labels(path: str | Path, curves: Sequence[dict[str, Any]], rows:
     panels = (("dice_kept", "targets' foreground Dice (kept pixels)"), ("kept", "share of pixels kept"))
     fig, axes = plt.subplots(len(blocks), 2, figsize=(12.8, 3.6 * len(blocks)), squeeze=False)
     for axs, block in zip(axes, blocks):
-        sel = [c for c in curves if (row_key(c)[0], row_key(c)[2], row_key(c)[4]) == block]
+        sel = [c for c in curves if block_of(c) == block]
         for ax, (metric, ylabel) in zip(axs, panels):
             for algo in sorted({c["algo"] for c in sel}):
                 # per seed and iteration: the mean over the algorithm's edges; then the band over seeds

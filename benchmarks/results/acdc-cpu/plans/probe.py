@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from scipy import ndimage
 
 import semiseg
 from semiseg.algorithms.perturbations import parse_perturbation
+from semiseg.data.acdc import load_volume
 from semiseg.engine.diagnostics import foreground_dice
 from semiseg.evaluation.inference import predict_slices
 from semiseg.evaluation.metrics import dice
@@ -33,12 +33,9 @@ SIZE = 128
 
 
 def volumes(root: Path, listname: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    out = []
-    for name in (line.strip() for line in (root / listname).read_text().splitlines()):
-        if name:
-            with h5py.File(root / "data" / f"{name}.h5") as f:
-                out.append((f["image"][:], f["label"][:]))
-    return out
+    """(image (D, H, W), label (D, H, W)) of every case a split list names, read as the ACDC dataset reads them."""
+    names = [line.strip() for line in (root / listname).read_text().splitlines() if line.strip()]
+    return [(image[0], label) for image, label in (load_volume(root / "data" / f"{n}.h5") for n in names)]
 
 
 def resized_slices(vols: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:

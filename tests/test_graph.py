@@ -17,6 +17,8 @@ from semiseg.algorithms.losses import dice_loss
 from semiseg.algorithms.unimatch import UniMatch
 from semiseg.backbones.base import SegBackbone
 from semiseg.errors import ConfigError
+from semiseg.registry import create_algorithm, load_plugin
+from tests.conftest import REPO_ROOT
 
 
 class TinyNet(SegBackbone):
@@ -200,6 +202,22 @@ def test_executor_makes_the_planned_passes(algo_cls, enc, dec, enc_img, dec_img)
     assert net.calls == {"encode": enc, "decode": dec, "enc_images": enc_img * b, "dec_images": dec_img * b}
     assert algo.last_plan["encoder_images"] == enc_img * b
 
+
+
+@pytest.mark.parametrize("algo, enc_img, dec_img", [
+    # benchmarks/results/acdc-cpu/plans/README.md's table: the four corners of the pass-plan ablation
+    ("crossmatch", 5, 11), ("crossmatch-padded", 6, 12), ("crossmatch-split", 6, 11), ("crossmatch@official", 7, 13),
+])
+def test_the_pass_plan_ablation_makes_the_passes_its_table_states(clean_registry, algo, enc_img, dec_img):
+    load_plugin(str(REPO_ROOT / "benchmarks/results/acdc-cpu/plans/ablation.py"))
+    name, _, opt = algo.partition("@")
+    a = create_algorithm(name, **({"plan": opt} if opt else {}))
+    a.setup(num_classes=4, dim=2)
+    net, b = CountingNet(), 2
+    a.step(net, make_batch(b), ctx())
+    assert (net.calls["enc_images"], net.calls["dec_images"]) == (enc_img * b, dec_img * b)
+    # the losses are CrossMatch's whatever the plan: the same edges read the same streams
+    assert [e.name for e in a.edges] == [e.name for e in CrossMatch().edges]
 
 def minimum_passes(algo: GraphAlgorithm, b: int) -> tuple[int, int]:
     """The fewest encoder and decoder image-passes the losses allow: every stream an edge reads is a distinct

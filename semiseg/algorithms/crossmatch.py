@@ -30,6 +30,8 @@ from semiseg.registry import register_algorithm
 from semiseg.schedules import sigmoid_rampup
 
 PLANS = ("minimal", "official")
+# A mix-partner teacher decoded from perturbed features: no gradient, the backbone's decoder dropout off.
+MIX_FP_TEACHER = {"grad": False, "decoder_dropout": False}
 
 
 def crossmatch_la_recipe(note: str = "") -> Recipe:
@@ -122,7 +124,7 @@ class CrossMatch(GraphAlgorithm):
         decoder batch is [x, u_w_mix, weak(u_w_mix), strong(u_w_mix)]; the first two outputs pad the batch (no
         loss reads them) but share its BatchNorm statistics (3B encoder, 5B decoder image-passes).
         """
-        off = {"grad": False, "decoder_dropout": False}
+        off = MIX_FP_TEACHER
         if self.passes == "minimal":
             return [Stream("P_mix", "u_w_mix", grad=False, group="mix"),
                     Stream("P_mix_w", "u_w_mix", weak, group="mix", **off),

@@ -21,11 +21,9 @@ This plugin registers the two remaining corners of that 2 x 2 design; the loss f
 
 from __future__ import annotations
 
-from semiseg.algorithms.crossmatch import CrossMatch
+from semiseg.algorithms.crossmatch import MIX_FP_TEACHER, CrossMatch
 from semiseg.algorithms.graph import Stream
 from semiseg.registry import register_algorithm
-
-NO_GRAD = {"grad": False, "decoder_dropout": False}
 
 
 @register_algorithm("crossmatch-split")
@@ -36,8 +34,8 @@ class CrossMatchSplit(CrossMatch):
 
     def _mix_teachers(self, weak: str, strong: str) -> list[Stream]:
         return [Stream("P_mix", "u_w_mix", grad=False, group="mix"),
-                Stream("P_mix_w", "u_w_mix", weak, group="mix_fp", **NO_GRAD),
-                Stream("P_mix_s", "u_w_mix", strong, group="mix_fp", **NO_GRAD)]
+                Stream("P_mix_w", "u_w_mix", weak, group="mix_fp", **MIX_FP_TEACHER),
+                Stream("P_mix_s", "u_w_mix", strong, group="mix_fp", **MIX_FP_TEACHER)]
 
 
 @register_algorithm("crossmatch-padded")
@@ -47,7 +45,7 @@ class CrossMatchPadded(CrossMatch):
     name = "crossmatch-padded"
 
     def _mix_teachers(self, weak: str, strong: str) -> list[Stream]:
-        return [Stream("P_pad_x", "x", group="mix", **NO_GRAD),
+        return [Stream("P_pad_x", "x", group="mix", **MIX_FP_TEACHER),
                 Stream("P_mix", "u_w_mix", grad=False, group="mix"),
-                Stream("P_mix_w", "u_w_mix", weak, group="mix", **NO_GRAD),
-                Stream("P_mix_s", "u_w_mix", strong, group="mix", **NO_GRAD)]
+                Stream("P_mix_w", "u_w_mix", weak, group="mix", **MIX_FP_TEACHER),
+                Stream("P_mix_s", "u_w_mix", strong, group="mix", **MIX_FP_TEACHER)]
